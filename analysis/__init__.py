@@ -1,0 +1,1 @@
+"""Reports: visual-token alignment, attention-region divergence, CLIP-blind pairs, layer similarity."""

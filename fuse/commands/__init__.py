@@ -1,0 +1,1 @@
+"""CLI subcommands of ``fuse``, one module each; each exposes ``register(group)``."""

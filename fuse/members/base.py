@@ -1,0 +1,277 @@
+"""The member abstraction: one MLLM checkpoint split into LLM, vision branch and text side.
+
+- :class:`LLMPart`: canonical LLaMA-style tensor names (``model.layers.0.self_attn.q_proj.weight``,
+  ``lm_head.weight``...) mapped to the checkpoint's own keys, read lazily.
+- :class:`VisionBranch`: ``nn.Module`` turning images into visual tokens in the LLM input
+  space; a registry entry per kind (``llava``, ``mgm``, ``slime``, ``comm``).
+- :class:`~fuse.members.text.TextSide`: tokenizer, prompt style, eos ids.
+
+Every tensor of a checkpoint is claimed by exactly one part (``Member.key_usage``);
+loading fails on keys nobody claims, so no weight is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import LazyCheckpoint, read_json
+from ..errors import CheckpointError, FormatError
+from .text import TextSide
+
+VISION_CONFIG = "vision_config.json"
+VISION_WEIGHTS = "vision.safetensors"
+
+# LlamaConfig fields that define the LLM (everything else in an MLLM config is dropped).
+LLM_CONFIG_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "pretraining_tp",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+    "attention_dropout", "mlp_bias",
+)
+
+# What makes two LLMs "one family" (checked before merging).
+FAMILY_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings")
+
+
+def llm_config_from(cfg: dict) -> dict:
+    """A LlamaForCausalLM config dict from an MLLM config (drops mm_*/vision fields)."""
+    from transformers import LlamaConfig
+
+    kept = {k: v for k, v in cfg.items() if k in LLM_CONFIG_FIELDS}
+    conf = LlamaConfig(**kept)
+    d = conf.to_dict()
+    d["architectures"] = ["LlamaForCausalLM"]
+    d["model_type"] = "llama"
+    d.pop("transformers_version", None)
+    return d
+
+
+def rope_theta_of(cfg: dict) -> float | None:
+    rp = cfg.get("rope_parameters") or {}
+    return rp.get("rope_theta", cfg.get("rope_theta"))
+
+
+@dataclass
+class LLMPart:
+    """The member's language model, as canonical names over lazily read checkpoint keys."""
+
+    config: dict
+    keys: dict[str, str]  # canonical name -> key in reader
+    reader: LazyCheckpoint
+
+    def names(self) -> list[str]:
+        return list(self.keys)
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.reader.get(self.keys[name], dtype)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.reader.shape(self.keys[name])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.reader.dtype(self.keys[name])
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.shape("model.embed_tokens.weight")[0]
+
+    def total_bytes(self) -> int:
+        return self.reader.total_bytes(list(self.keys.values()))
+
+    def load_model(self, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+        """Materialise a ``LlamaForCausalLM`` (whole model in memory: for inference only)."""
+        from transformers import AutoModelForCausalLM, LlamaConfig
+        from transformers.initialization import no_init_weights
+
+        cfg = LlamaConfig(**{k: v for k, v in self.config.items() if k not in ("architectures", "model_type")})
+        cfg.vocab_size = self.vocab_rows
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
+        sd = {n: self.get(n, dtype or self.dtype(n)) for n in self.keys}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if cfg.tie_word_embeddings:
+            missing = [m for m in missing if m != "lm_head.weight"]
+            model.tie_weights()
+        if missing or unexpected:
+            raise FormatError(f"LLM weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        return model.to(device).eval()
+
+
+class VisionBranch(nn.Module):
+    """Images -> visual tokens in the LLM input space. One registry entry per kind.
+
+    Subclasses implement ``preprocess`` (PIL -> batch dict), ``forward``
+    (batch -> list of ``[N_i, D_llm]``, one per image: counts may differ per
+    image, e.g. SliME's selected locals), ``spec``/``from_spec`` (JSON config
+    to rebuild with random weights before ``load_state_dict``).
+    """
+
+    kind: ClassVar[str] = ""
+    needs_text: ClassVar[bool] = False  # True when forward uses the prompt's text embeddings
+
+    def preprocess(self, images: Sequence[Image.Image]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any], text_embeds: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "VisionBranch":
+        raise NotImplementedError
+
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def token_grids(self, batch: dict[str, Any]) -> list[list[tuple[str, int, int]]] | None:
+        """Optional spatial layout of each image's tokens, for attention maps:
+        per image a list of ``(segment name, grid h, grid w)`` in token order. None if unknown."""
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+
+VISION_BRANCHES: dict[str, type[VisionBranch]] = {}
+
+
+def register_branch(cls: type[VisionBranch]) -> type[VisionBranch]:
+    VISION_BRANCHES[cls.kind] = cls
+    return cls
+
+
+def branch_class(kind: str) -> type[VisionBranch]:
+    try:
+        return VISION_BRANCHES[kind]
+    except KeyError:
+        raise FormatError(f"unknown vision branch kind {kind!r}; known: {', '.join(sorted(VISION_BRANCHES))}") from None
+
+
+@dataclass
+class Member:
+    """One MLLM checkpoint, split into its three parts."""
+
+    name: str
+    format: str
+    path: Path
+    llm: LLMPart
+    vision: VisionBranch
+    text: TextSide
+    key_usage: dict[str, str] = field(default_factory=dict)  # checkpoint key -> part name
+    config: dict = field(default_factory=dict)  # the checkpoint's config.json
+
+    @torch.no_grad()
+    def visual_tokens(self, images: Sequence[Image.Image], text_embeds: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``images`` -> one ``[N_i, D_llm]`` tensor per image."""
+        self.vision.eval()
+        return self.vision(self.vision.preprocess(list(images)), text_embeds=text_embeds)
+
+    def save_vision_branch(self, directory: str | os.PathLike) -> None:
+        save_vision_branch(self.vision, directory, text=self.text, extra={"format": self.format,
+                                                                          "source": str(self.path)})
+
+    def usage_summary(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for part in self.key_usage.values():
+            out[part] = out.get(part, 0) + 1
+        return out
+
+
+def save_vision_branch(branch: VisionBranch, directory: str | os.PathLike, text: TextSide | None = None,
+                       extra: dict | None = None) -> None:
+    """Write ``vision_config.json`` (kind, spec, text side) and ``vision.safetensors``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in branch.state_dict().items()}
+    save_file(sd, str(d / VISION_WEIGHTS), metadata={"format": "pt"})
+    cfg = {"kind": branch.kind, "spec": branch.spec(), **(extra or {})}
+    if text is not None:
+        cfg["text"] = text.to_dict()
+    (d / VISION_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+
+
+def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[VisionBranch, dict]:
+    """Rebuild a branch written by :func:`save_vision_branch`; returns (branch, its config json)."""
+    d = Path(directory)
+    cfg = read_json(d / VISION_CONFIG, "vision branch config")
+    if not (d / VISION_WEIGHTS).is_file():
+        raise CheckpointError(f"{d / VISION_WEIGHTS}: missing vision branch weights")
+    branch = branch_class(cfg["kind"]).from_spec(cfg["spec"])
+    LazyCheckpoint(d / VISION_WEIGHTS)  # validates header / truncation with a clear error
+    sd = load_file(str(d / VISION_WEIGHTS))
+    missing, unexpected = branch.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{d / VISION_WEIGHTS}: weights do not fit the {cfg['kind']} branch "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if dtype is not None:
+        branch.to(dtype)
+    return branch.eval(), cfg
+
+
+class FormatAdapter:
+    """Reads one on-disk checkpoint format into a :class:`Member`. Registered by name."""
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def detect(cls, config: dict, keys: list[str]) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, **options: Any) -> Member:
+        raise NotImplementedError
+
+
+FORMATS: dict[str, type[FormatAdapter]] = {}
+
+
+def register_format(cls: type[FormatAdapter]) -> type[FormatAdapter]:
+    FORMATS[cls.name] = cls
+    return cls
+
+
+def claim_keys(keys: Sequence[str], rules: Sequence[tuple[str, Any]]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Assign every key to the first rule whose regex matches.
+
+    Args:
+        rules: ``(part name, compiled regex or str prefix)`` in priority order.
+    Returns:
+        (key -> part, part -> keys). Raises FormatError listing unclaimed keys.
+    """
+    import re
+
+    usage: dict[str, str] = {}
+    parts: dict[str, list[str]] = {}
+    compiled = [(p, re.compile(r) if isinstance(r, str) else r) for p, r in rules]
+    unclaimed = []
+    for k in keys:
+        for part, rx in compiled:
+            if rx.match(k):
+                usage[k] = part
+                parts.setdefault(part, []).append(k)
+                break
+        else:
+            unclaimed.append(k)
+    if unclaimed:
+        raise FormatError(f"{len(unclaimed)} checkpoint tensors are not used by any part, e.g. {unclaimed[:3]}; "
+                          "refusing to drop weights silently")
+    return usage, parts
