@@ -103,7 +103,7 @@ def config_from_timm_shapes(shapes: Mapping[str, Sequence[int]], **kw) -> ConvNe
         depths.append(1 + max(int(k.split(".")[4]) for k in hf if k and k.startswith(f"encoder.stages.{s}.layers.")))
         dims.append(hf[f"encoder.stages.{s}.layers.0.dwconv.weight"][0])
         s += 1
-    return ConvNextConfig(num_channels=stem[1], patch_size=stem[2], depths=depths, hidden_sizes=dims,
+    return ConvNextConfig(num_channels=stem[1], patch_size=stem[2], num_stages=len(depths), depths=depths, hidden_sizes=dims,
                           layer_norm_eps=1e-6, hidden_act="gelu", **kw)
 
 
