@@ -73,7 +73,7 @@ class LlavaAdapter(FormatAdapter):
         load_projector(branch.projector, {k[len("model.mm_projector."):]: reader.get(k) for k in parts["projector"]}, path)
         if dtype is not None:
             branch.to(dtype)
-        text = TextSide(tokenizer_path=tokenizer_dir(path), prompt_style=options.get("prompt_style", "llava_v1"),
+        text = TextSide(tokenizer_path=tokenizer_dir(path), prompt_style=options.get("prompt_style", "vicuna_v1"),
                         eos_token_ids=eos_ids(path, config))
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,

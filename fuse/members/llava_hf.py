@@ -83,7 +83,7 @@ class LlavaHFAdapter(FormatAdapter):
         if tok is not None:
             from .text import load_tokenizer
             if not getattr(load_tokenizer(tok), "chat_template", None):
-                style = "llava_v1"
+                style = "vicuna_v1"
         text = TextSide(tokenizer_path=tok, prompt_style=options.get("prompt_style", style),
                         eos_token_ids=eos_ids(path, text_cfg, config))
         llm = LLMPart(config=llm_conf, keys=llm_keys, reader=reader)

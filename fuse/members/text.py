@@ -21,6 +21,10 @@ IMAGE_PLACEHOLDER = "<image>"
 
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+# conv_vicuna_v1 of LLaVA / MGM / SliME (what LLaVA-1.5, MGM-7B/13B and SliME-7B/13B were trained and
+# evaluated with: `--version v1`, `--conv-mode vicuna_v1`); llava_v1 above is LLaVA's conv_llava_v1.
+VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 MGM_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual "
                      "content that the user provides, and assist the user with a variety of tasks using "
                      "natural language.")
@@ -28,6 +32,10 @@ MGM_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are a
 
 def _llava_v1(q: str, tok) -> str:
     return f"{LLAVA_V1_SYSTEM} USER: {q} ASSISTANT:"
+
+
+def _vicuna_v1(q: str, tok) -> str:
+    return f"{VICUNA_V1_SYSTEM} USER: {q} ASSISTANT:"
 
 
 def _chat_template(q: str, tok) -> str:
@@ -55,6 +63,7 @@ def _plain(q: str, tok) -> str:
 
 PROMPT_STYLES: dict[str, Callable[[str, object], str]] = {
     "llava_v1": _llava_v1,
+    "vicuna_v1": _vicuna_v1,
     "chat_template": _chat_template,
     "mgm_llama_3": _mgm_llama_3,
     "slime_llama3": _slime_llama3,
@@ -122,8 +131,15 @@ def load_tokenizer(path: str | Path | None):
     if path is None:
         raise CheckpointError("this member has no tokenizer (tokenizer_path is unset)")
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    # AutoTokenizer also parses config.json; MLLM model types (mgm, llava_llama) that
+    # transformers does not know only cause a harmless warning there: keep it quiet.
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(level)
