@@ -1,0 +1,94 @@
+"""Building the LLM input of a fused model from text pieces and member visual tokens.
+
+One sample is a list of :class:`Piece` in sequence order, typically::
+
+    [text before <image>][member 1 tokens][separator?][member 2 tokens]...[text after <image>]
+
+:func:`assemble` left-pads a batch of samples into ``inputs_embeds [B, L, D]``,
+``attention_mask [B, L]`` (1 = real token) and ``position_ids [B, L]``. Position ids
+follow each piece's offsets (text: 0, 1, 2...; visual spans: their scheme, see
+:mod:`fuse.model.positions`); padding positions are 0. Spans are reported in
+padded coordinates as ``name -> (start, end)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .positions import positions_used
+
+
+@dataclass
+class Piece:
+    """A run of tokens: ``embeds [n, D]``, position ``offsets [n]`` (long, from 0)."""
+
+    name: str  # "text_before", "text_after", a member name, or "sep:<member>"
+    kind: str  # "text" | "visual" | "sep"
+    embeds: torch.Tensor
+    offsets: torch.Tensor | None = None  # None = sequential
+
+    def __post_init__(self) -> None:
+        if self.offsets is None:
+            self.offsets = torch.arange(self.embeds.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+@dataclass
+class Assembled:
+    """A left-padded batch. ``spans[b][name] = (start, end)`` in padded coordinates."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    spans: list[dict[str, tuple[int, int]]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # unpadded length per sample
+    n_positions: list[int] = field(default_factory=list)  # position ids used per sample (max + 1)
+
+    @property
+    def pad(self) -> list[int]:
+        """Left padding per sample."""
+        return [self.inputs_embeds.shape[1] - n for n in self.lengths]
+
+
+def sample_positions(pieces: list[Piece]) -> torch.Tensor:
+    """Position ids ``[n]`` of one unpadded sample: each piece starts after the previous one's last position."""
+    out, base = [], 0
+    for p in pieces:
+        if p.length == 0:
+            continue
+        out.append(base + p.offsets.to(torch.long))
+        base += positions_used(p.offsets)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def assemble(samples: list[list[Piece]]) -> Assembled:
+    """Concatenate each sample's pieces and left-pad the batch (pads: zero embedding, mask 0, position 0)."""
+    if not samples:
+        raise ValueError("no samples to assemble")
+    ref = next(p.embeds for s in samples for p in s if p.length)
+    dim, dtype, device = ref.shape[-1], ref.dtype, ref.device
+    lengths = [sum(p.length for p in s) for s in samples]
+    total = max(lengths)
+    b = len(samples)
+    embeds = torch.zeros(b, total, dim, dtype=dtype, device=device)
+    mask = torch.zeros(b, total, dtype=torch.long, device=device)
+    pos = torch.zeros(b, total, dtype=torch.long, device=device)
+    spans, n_pos = [], []
+    for i, pieces in enumerate(samples):
+        start = total - lengths[i]
+        cur, sp = start, {}
+        for p in pieces:
+            embeds[i, cur:cur + p.length] = p.embeds.to(dtype=dtype, device=device)
+            sp[p.name] = (cur, cur + p.length)
+            cur += p.length
+        mask[i, start:] = 1
+        sample_pos = sample_positions(pieces)
+        pos[i, start:] = sample_pos.to(device)
+        spans.append(sp)
+        n_pos.append(int(sample_pos.max()) + 1 if sample_pos.numel() else 0)
+    return Assembled(embeds, mask, pos, spans, lengths, n_pos)

@@ -1,0 +1,134 @@
+"""Capturing attention from chosen text positions to each member's visual tokens.
+
+Used by :meth:`fuse.model.FusedModel.capture_attention` (and through it by
+``analysis attention``). Attention probabilities only exist with the ``eager``
+attention implementation, so the LLM is switched to eager for the capture
+forward pass and switched back afterwards. Forward hooks sit only on the
+requested layers' ``self_attn`` modules; each hook slices the weights it needs
+(query rows x member key spans) at once, so the full ``[B, H, L, L]`` matrices
+of other layers are never kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..errors import FuseError
+
+
+@dataclass
+class SampleAttention:
+    """Attention of one sample.
+
+    Coordinates are positions in this sample's unpadded sequence.
+
+    - ``query_positions``: the Q query positions whose attention was kept;
+    - ``spans``: piece name -> (start, end): ``text_before``, each member name, ``sep:<member>``, ``text_after``
+      and, with ``query="answer"``, ``answer``;
+    - ``grids``: member -> its kept tokens' grid segments ``[(name, h, w), ...]`` (None when not a grid,
+      e.g. after ``topk``); ``kept``: member -> indices of the kept tokens among the member's original
+      tokens (``topk`` only, else None); ``raw_grids``: member -> the branch's grid before any budget;
+    - ``weights[layer][member]``: attention probabilities ``[H, Q, N_member]`` (float32, CPU);
+    - ``answer``/``answer_ids``: the greedy answer when ``query="answer"``.
+    """
+
+    query_positions: list[int]
+    spans: dict[str, tuple[int, int]]
+    grids: dict[str, list | None]
+    kept: dict[str, torch.Tensor | None]
+    raw_grids: dict[str, list | None]
+    weights: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    answer: str | None = None
+    answer_ids: list[int] | None = None
+
+    def member_share(self, layers: Sequence[int] | None = None) -> dict[str, float]:
+        """Share of attention mass each member's span receives (mean over layers, heads, queries)."""
+        layers = list(self.weights) if layers is None else list(layers)
+        out = {}
+        for m in next(iter(self.weights.values())):
+            out[m] = float(torch.stack([self.weights[l][m].sum(-1).mean() for l in layers]).mean())
+        return out
+
+    def member_map(self, member: str, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Attention over the member's tokens ``[N_member]``, averaged over layers, heads and queries."""
+        layers = list(self.weights) if layers is None else list(layers)
+        return torch.stack([self.weights[l][member].mean(dim=(0, 1)) for l in layers]).mean(0)
+
+
+@dataclass
+class AttentionCapture:
+    """Result of ``FusedModel.capture_attention``: ``layers`` (non-negative indices, ascending),
+    ``members`` (visual-token order) and one :class:`SampleAttention` per input."""
+
+    layers: list[int]
+    members: list[str]
+    samples: list[SampleAttention]
+
+
+def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+    """None -> all layers; negative indices count from the end; errors name the valid range."""
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for l in layers:
+        i = int(l) + n_layers if int(l) < 0 else int(l)
+        if not 0 <= i < n_layers:
+            raise FuseError(f"layers: {l} is out of range for an LLM with {n_layers} layers")
+        out.append(i)
+    return sorted(set(out))
+
+
+def decoder_layers(llm) -> Sequence[torch.nn.Module]:
+    """The decoder blocks of a causal LM (``model.layers`` for LLaMA-style models)."""
+    base = llm.get_decoder() if hasattr(llm, "get_decoder") else llm.model
+    return base.layers
+
+
+@contextlib.contextmanager
+def eager_attention(llm) -> Iterator[None]:
+    """Temporarily switch ``llm`` to eager attention (the only one that returns probabilities)."""
+    previous = llm.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    llm.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        llm.set_attn_implementation(previous)
+
+
+@contextlib.contextmanager
+def record_attention(llm, layers: list[int], query_positions: torch.Tensor,
+                     key_spans: dict[str, tuple[int, int]]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Hook ``layers`` of ``llm`` (batch of ONE sequence) and collect ``[H, Q, N_span]`` per key span.
+
+    Yields the dict that the hooks fill during the forward pass run inside the context.
+    """
+    store: dict[int, dict[str, torch.Tensor]] = {}
+    blocks = decoder_layers(llm)
+    handles = []
+
+    def make_hook(idx: int):
+        def hook(module, args, output):
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError("attention weights not returned: the LLM is not running eager attention")
+            rows = weights[0, :, query_positions.to(weights.device), :]  # [H, Q, L]
+            store[idx] = {name: rows[..., s:e].detach().float().cpu().clone() for name, (s, e) in key_spans.items()}
+        return hook
+
+    try:
+        for i in layers:
+            handles.append(blocks[i].self_attn.register_forward_hook(make_hook(i)))
+        with eager_attention(llm):
+            yield store
+    finally:
+        for h in handles:
+            h.remove()

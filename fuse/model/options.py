@@ -1,0 +1,195 @@
+"""Inference options of a fused model: token budget, position sharing, separators.
+
+These come from the recipe's ``inference`` section (copied verbatim into
+``fuse_config.json`` by ``fuse merge``) and can be overridden per call or on the
+``fuse generate`` command line. Every field accepts one spec for all members or
+a mapping ``member name -> spec``::
+
+    inference:
+      token_budget: pool:2            # all | pool[:S] | pool:HxW | topk:K  (or {kind: topk, k: 64})
+      positions: {slime: share}       # sequential | share | groups:K | rows
+      separator: none                 # none | member | <token id>
+
+Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
+small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
+naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from ..errors import RecipeError
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """How many of a member's visual tokens to keep.
+
+    ``kind``: ``all`` | ``pool`` (average ``stride x stride`` windows of the grid, or
+    adaptive pooling to ``size`` = (h, w)) | ``topk`` (``k`` tokens most similar to the
+    prompt's text embeddings).
+    """
+
+    kind: str = "all"
+    stride: int = 2
+    size: tuple[int, int] | None = None
+    k: int | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "pool":
+            return f"pool:{self.size[0]}x{self.size[1]}" if self.size else f"pool:{self.stride}"
+        if self.kind == "topk":
+            return f"topk:{self.k}"
+        return self.kind
+
+
+@dataclass(frozen=True)
+class PositionSpec:
+    """How a member's visual tokens use position ids (MouSi-style position sharing).
+
+    ``kind``: ``sequential`` (one position per token, the default) | ``share`` (all tokens of the
+    member share one position) | ``groups`` (``groups`` consecutive groups, one position each) |
+    ``rows`` (the tokens of one grid row share a position).
+    """
+
+    kind: str = "sequential"
+    groups: int | None = None
+
+    def __str__(self) -> str:
+        return f"groups:{self.groups}" if self.kind == "groups" else self.kind
+
+
+BUDGET_KINDS = ("all", "pool", "topk")
+POSITION_KINDS = ("sequential", "share", "groups", "rows")
+
+
+def _int(value: Any, field_name: str, minimum: int = 1) -> int:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        v = int(str(value).strip())
+    except ValueError:
+        raise RecipeError(f"{field_name}: expected an integer, got {value!r}") from None
+    if v < minimum:
+        raise RecipeError(f"{field_name}: expected an integer >= {minimum}, got {value!r}")
+    return v
+
+
+def parse_budget(spec: Any, field_name: str = "inference.token_budget") -> BudgetSpec:
+    """``"all"``, ``"pool"``, ``"pool:2"``, ``"pool:12x12"``, ``"topk:64"`` or a dict -> BudgetSpec."""
+    if spec is None:
+        return BudgetSpec()
+    if isinstance(spec, BudgetSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        kind = str(spec.get("kind", ""))
+        extra = set(spec) - {"kind", "stride", "size", "k"}
+        if extra:
+            raise RecipeError(f"{field_name}: unknown key(s) {sorted(extra)} (expected kind, stride, size, k)")
+        arg = spec.get("k") if kind == "topk" else (spec.get("size") or spec.get("stride"))
+        if kind == "pool" and spec.get("size") is not None:
+            size = spec["size"]
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            arg = f"{size[0]}x{size[1]}"
+        spec = kind if arg is None else f"{kind}:{arg}"
+    if not isinstance(spec, str):
+        raise RecipeError(f"{field_name}: expected a string like 'pool:2' or a mapping, got {spec!r}")
+    kind, _, arg = spec.strip().partition(":")
+    if kind not in BUDGET_KINDS:
+        raise RecipeError(f"{field_name}: unknown token budget {kind!r}; known: {', '.join(BUDGET_KINDS)}")
+    if kind == "all":
+        if arg:
+            raise RecipeError(f"{field_name}: 'all' takes no argument")
+        return BudgetSpec("all")
+    if kind == "topk":
+        if not arg:
+            raise RecipeError(f"{field_name}: topk needs a count, e.g. 'topk:64'")
+        return BudgetSpec("topk", k=_int(arg, field_name))
+    if "x" in arg:
+        h, _, w = arg.partition("x")
+        return BudgetSpec("pool", size=(_int(h, field_name), _int(w, field_name)))
+    return BudgetSpec("pool", stride=_int(arg, field_name) if arg else 2)
+
+
+def parse_positions(spec: Any, field_name: str = "inference.positions") -> PositionSpec:
+    """``"sequential"``, ``"share"``, ``"groups:8"``, ``"rows"`` or a dict -> PositionSpec."""
+    if spec is None:
+        return PositionSpec()
+    if isinstance(spec, PositionSpec):
+        return spec
+    if isinstance(spec, Mapping):
+        extra = set(spec) - {"kind", "groups"}
+        if extra:
+            raise RecipeError(f"{field_name}: unknown key(s) {sorted(extra)} (expected kind, groups)")
+        spec = f"{spec.get('kind', '')}:{spec['groups']}" if spec.get("groups") is not None else str(spec.get("kind", ""))
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = "share" if spec == 1 else f"groups:{spec}"
+    if not isinstance(spec, str):
+        raise RecipeError(f"{field_name}: expected a string like 'share' or 'groups:8', got {spec!r}")
+    kind, _, arg = spec.strip().partition(":")
+    if kind not in POSITION_KINDS:
+        raise RecipeError(f"{field_name}: unknown position scheme {kind!r}; known: {', '.join(POSITION_KINDS)}")
+    if kind == "groups":
+        if not arg:
+            raise RecipeError(f"{field_name}: groups needs a count, e.g. 'groups:8'")
+        return PositionSpec("groups", groups=_int(arg, field_name))
+    if arg:
+        raise RecipeError(f"{field_name}: {kind!r} takes no argument")
+    return PositionSpec(kind)
+
+
+def _per_member(value: Any, names: Sequence[str], parse, field_name: str, default: Any) -> dict[str, Any]:
+    """One spec for all members, or ``{name: spec}`` (members not named get ``default``)."""
+    is_mapping = isinstance(value, Mapping) and "kind" not in value
+    if not is_mapping:
+        spec = parse(value if value is not None else default, field_name)
+        return {n: spec for n in names}
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise RecipeError(f"{field_name}: unknown member(s) {unknown}; members are {list(names)}")
+    return {n: parse(value.get(n, default), f"{field_name}.{n}") for n in names}
+
+
+@dataclass
+class InferenceOptions:
+    """Resolved per-member options (member name -> spec) plus the separator policy."""
+
+    budget: dict[str, BudgetSpec] = field(default_factory=dict)
+    positions: dict[str, PositionSpec] = field(default_factory=dict)
+    separator: str | int = "none"  # "none" | "member" | token id inserted between members
+
+    @classmethod
+    def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
+        """Validate a recipe/fuse_config ``inference`` section for members ``names``."""
+        section = dict(section or {})
+        known = {"token_budget", "positions", "separator"}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise RecipeError(f"inference: unknown key(s) {unknown}; known: {sorted(known)}")
+        sep = section.get("separator", "none")
+        if sep is None:
+            sep = "none"
+        if isinstance(sep, bool) or not (sep in ("none", "member") or isinstance(sep, int)):
+            raise RecipeError(f"inference.separator: expected none, member or a token id, got {sep!r}")
+        return cls(budget=_per_member(section.get("token_budget"), names, parse_budget, "inference.token_budget", "all"),
+                   positions=_per_member(section.get("positions"), names, parse_positions, "inference.positions",
+                                         "sequential"),
+                   separator=sep)
+
+    def override(self, names: Sequence[str], token_budget: Any = None, positions: Any = None,
+                 separator: Any = None) -> "InferenceOptions":
+        """A copy with the given fields replaced (None keeps the current value)."""
+        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator)
+        if token_budget is not None:
+            out.budget.update(_per_member(token_budget, names, parse_budget, "token_budget", "all"))
+        if positions is not None:
+            out.positions.update(_per_member(positions, names, parse_positions, "positions", "sequential"))
+        if separator is not None:
+            out.separator = InferenceOptions.parse({"separator": separator}, names).separator
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token_budget": {n: str(s) for n, s in self.budget.items()},
+                "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator}

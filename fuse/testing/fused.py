@@ -1,0 +1,62 @@
+"""A fused-model directory in the ``fuse merge`` output layout, built without merging.
+
+Stand-in for ``fuse merge`` in tests and benchmarks of the fused model: the LLM is
+one member's own LLM (or any ``AutoModelForCausalLM`` directory), each member's
+vision branch is saved with ``Member.save_vision_branch``, and ``fuse_config.json``
+/ ``config.json`` follow the documented contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | str | os.PathLike = 0,
+                    text_member: int = 0, inference: dict | None = None, names: Sequence[str] | None = None,
+                    dtype=None) -> Path:
+    """Write OUT/{llm/, members/<name>/, fuse_config.json, config.json, README.md}.
+
+    ``members``: member dirs or loaded ``Member`` objects (visual-token order);
+    ``llm``: index of the member whose LLM becomes ``OUT/llm``, or a causal-LM directory.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint import atomic_output_dir
+    from ..members import Member, load_member
+
+    loaded = [m if isinstance(m, Member) else load_member(m) for m in members]
+    names = list(names) if names else [m.name for m in loaded]
+    if len(set(names)) != len(names):
+        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    with atomic_output_dir(out, force=True) as tmp:
+        if isinstance(llm, int):
+            model = loaded[llm].llm.load_model(dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype)
+        model.save_pretrained(str(tmp / "llm"))
+        text = loaded[text_member].text
+        text.tokenizer.save_pretrained(str(tmp / "llm"))
+        infos = []
+        for n, m in zip(names, loaded):
+            m.save_vision_branch(tmp / "members" / n)
+            infos.append({"name": n, "dir": f"members/{n}", "format": m.format, "source": str(m.path),
+                          "weight": 1.0 / len(loaded), "density": None, "eos_token_ids": list(m.text.eos_token_ids),
+                          "vocab_rows": m.llm.vocab_rows, "prompt_style": m.text.prompt_style,
+                          "separator_token_id": m.text.separator_token_id})
+        eos: list[int] = []
+        for m in loaded:
+            eos += [i for i in m.text.eos_token_ids if i not in eos]
+        cfg = {"format_version": 1, "base_model": None, "members": infos,
+               "merge": {"method": "copy" if isinstance(llm, int) else "external", "parameters": {},
+                         "dtype": None, "out_dtype": None, "seed": None},
+               "text": {"member": names[text_member], "prompt_style": text.prompt_style,
+                        "placeholder": text.placeholder, "eos_token_ids": eos},
+               "inference": dict(inference or {}), "sources": {}}
+        (tmp / "fuse_config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse", "architectures": ["FusedModel"],
+                                                     **cfg}, indent=2))
+        (tmp / "README.md").write_text(f"# test fused model\n\nmembers: {', '.join(names)}\n")
+    return Path(out)
