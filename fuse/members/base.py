@@ -185,9 +185,20 @@ class Member:
         self.vision.eval()
         return self.vision(self.vision.preprocess(list(images)), text_embeds=text_embeds)
 
+    def vision_source_dtype(self) -> torch.dtype | None:
+        """The most common dtype of the checkpoint's non-LLM tensors (None if unknown)."""
+        counts: dict[torch.dtype, int] = {}
+        reader = self.llm.reader
+        for key, part in self.key_usage.items():
+            if part != "llm" and key in reader:
+                dt = reader.dtype(key)
+                counts[dt] = counts.get(dt, 0) + 1
+        return max(counts, key=counts.get) if counts else None
+
     def save_vision_branch(self, directory: str | os.PathLike) -> None:
-        save_vision_branch(self.vision, directory, text=self.text, extra={"format": self.format,
-                                                                          "source": str(self.path)})
+        """Write the branch in the dtype it had in the source checkpoint (no silent size/precision change)."""
+        save_vision_branch(self.vision, directory, text=self.text, dtype=self.vision_source_dtype(),
+                           extra={"format": self.format, "source": str(self.path)})
 
     def usage_summary(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -197,11 +208,17 @@ class Member:
 
 
 def save_vision_branch(branch: VisionBranch, directory: str | os.PathLike, text: TextSide | None = None,
-                       extra: dict | None = None) -> None:
-    """Write ``vision_config.json`` (kind, spec, text side) and ``vision.safetensors``."""
+                       extra: dict | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write ``vision_config.json`` (kind, spec, text side) and ``vision.safetensors``.
+
+    ``dtype`` casts floating-point tensors (e.g. back to the source checkpoint's bf16).
+    """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in branch.state_dict().items()}
+    sd = {}
+    for k, v in branch.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        sd[k] = v.to(dtype) if dtype is not None and v.is_floating_point() else v
     save_file(sd, str(d / VISION_WEIGHTS), metadata={"format": "pt"})
     cfg = {"kind": branch.kind, "spec": branch.spec(), **(extra or {})}
     if text is not None:
