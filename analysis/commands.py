@@ -1,0 +1,243 @@
+"""``analysis`` subcommands: align, attention, blind-pairs, layers.
+
+Every command writes a report directory (``report.md``, ``report.html``,
+``report.json``, ``figures/*.png``) atomically; user errors end as one
+``error: ...`` line with exit code 2 (the group is a FriendlyGroup).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from fuse.cli_utils import parse_dtype
+
+
+def _command_line() -> str:
+    return "analysis " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def pipeline_options(default_out: str, default_batch: int = 8) -> Callable:
+    """Options shared by every command that reads images."""
+
+    def deco(fn: Callable) -> Callable:
+        opts = [
+            click.option("--images", "images", required=True, type=click.Path(), help="Directory of images (recursive)."),
+            click.option("-o", "--output", "out", default=default_out, show_default=True, type=click.Path(),
+                         help="Report directory."),
+            click.option("--force", is_flag=True, help="Replace an existing report directory."),
+            click.option("--batch-size", default=default_batch, show_default=True, type=click.IntRange(1)),
+            click.option("--workers", default=None, type=click.IntRange(0),
+                         help="Image-decoding worker processes [default: min(4, cores-1)]."),
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
+            click.option("--dtype", default=None, help="Model dtype (float32, float16, bfloat16) [default: as stored]."),
+            click.option("--cache", "cache_dir", default=None, type=click.Path(),
+                         help="Feature cache directory (safetensors per image; re-runs are instant)."),
+            click.option("--seed", default=0, show_default=True, type=int),
+            click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
+        ]
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+
+    return deco
+
+
+def _quiet(quiet: bool) -> None:
+    """-q also silences transformers' weight-loading progress bars."""
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _done(out: Path, extra: str = "") -> None:
+    click.echo(f"report written to {out}/report.md (and report.html, report.json){extra}")
+
+
+# ---------------------------------------------------------------------------
+@click.command("align")
+@click.argument("source", type=click.Path())
+@click.option("--n", "n", default=500, show_default=True, type=int, help="Number of images (random sample).")
+@click.option("--control", type=click.Choice(["all", "first", "none"]), default="all", show_default=True,
+              help="Members that get a random-projector control.")
+@click.option("--ridge", default=1e-4, show_default=True, type=float,
+              help="Covariance regulariser for KL (times the mean variance).")
+@click.option("--prompt", default="Describe the image.", show_default=True,
+              help="Prompt for text-conditioned vision branches.")
+@pipeline_options("reports/align")
+def align_cmd(source: str, n: int, control: str, ridge: float, prompt: str, images: str, out: str, force: bool,
+              batch_size: int, workers: int | None, device: str, dtype: str | None, cache_dir: str | None, seed: int,
+              quiet: bool) -> None:
+    """Visual-token alignment between members.
+
+    SOURCE: a recipe .yaml (members need not be fused) or a fused directory (`fuse merge` output).
+    """
+    from .align import build_report, run_align
+    from .features import select_images
+    from .report import Report
+    from .sources import load_sources
+
+    Report.check_output(out, force)
+    _quiet(quiet)
+    sel = select_images(images, n, seed)
+    if sel.note:
+        click.echo(f"warning: {sel.note}", err=True)
+    src = load_sources(source, dtype=parse_dtype(dtype))
+    res = run_align(src, sel.paths, control=control, batch_size=batch_size, workers=workers, device=device,
+                    cache_dir=cache_dir, seed=seed, ridge=ridge, prompt=prompt, progress=not quiet)
+    _warn_skipped(res.extract)
+    build_report(res, src, sel, _command_line()).write(out, force=force)
+    _done(Path(out))
+
+
+def _warn_skipped(stats: Any) -> None:
+    if stats.skipped:
+        click.echo(f"warning: {len(stats.skipped)} unreadable image(s) skipped (listed in the report), "
+                   f"e.g. {stats.skipped[0][1]}", err=True)
+
+
+@click.command("blind-pairs")
+@click.option("--clip", "clip_src", required=True, help="CLIP checkpoint (dir or cached hub id).")
+@click.option("--dino", "dino_src", required=True, help="DINOv2 checkpoint (dir or cached hub id).")
+@click.option("--clip-kind", default="clip", show_default=True, help="Embedder for --clip (clip, siglip).")
+@click.option("--dino-kind", default="dinov2", show_default=True, help="Embedder for --dino.")
+@click.option("--clip-min", default=0.95, show_default=True, type=float, help="Keep pairs with CLIP cosine above.")
+@click.option("--dino-max", default=0.6, show_default=True, type=float, help="... and DINO cosine below.")
+@click.option("--n", "n", default=None, type=int, help="Use a random sample of N images [default: all].")
+@click.option("--top", default=12, show_default=True, type=click.IntRange(1), help="Pairs on the contact sheet.")
+@click.option("--block", default=4096, show_default=True, type=click.IntRange(1), help="Similarity block size.")
+@click.option("--max-pairs", default=1_000_000, show_default=True, type=click.IntRange(1),
+              help="Keep at most this many pairs (largest CLIP-DINO gap).")
+@pipeline_options("reports/blind-pairs", default_batch=32)
+def blind_pairs_cmd(clip_src: str, dino_src: str, clip_kind: str, dino_kind: str, clip_min: float, dino_max: float,
+                    n: int | None, top: int, block: int, max_pairs: int, images: str, out: str, force: bool,
+                    batch_size: int, workers: int | None, device: str, dtype: str | None, cache_dir: str | None,
+                    seed: int, quiet: bool) -> None:
+    """Mine CLIP-blind image pairs (MMVP).
+
+    Pairs with CLIP cosine > --clip-min and DINO cosine < --dino-max.
+    """
+    from .blind_pairs import build_embedder, build_report, run_blind_pairs
+    from .features import select_images
+    from .report import Report
+
+    Report.check_output(out, force)
+    _quiet(quiet)
+    sel = select_images(images, n, seed)
+    if sel.note:
+        click.echo(f"warning: {sel.note}", err=True)
+    dt = parse_dtype(dtype)
+    clip = build_embedder(clip_kind, clip_src, dtype=dt)
+    dino = build_embedder(dino_kind, dino_src, dtype=dt)
+    res = run_blind_pairs(sel.paths, clip, dino, clip_min=clip_min, dino_max=dino_max, block=block,
+                          max_pairs=max_pairs, batch_size=batch_size, workers=workers, device=device,
+                          cache_dir=cache_dir, progress=not quiet)
+    _warn_skipped(res.stats)
+    build_report(res, sel, clip_min, dino_max, top, _command_line(), root=Path(images)).write(out, force=force)
+    _done(Path(out), f"; {res.pairs.found} pair(s), CSV in {out}/pairs.csv")
+
+
+@click.command("layers")
+@click.option("--encoder", "kind", required=True, help="Encoder kind: clip, siglip, dinov2.")
+@click.option("--model", default=None, help="Encoder checkpoint (dir or cached hub id).")
+@click.option("--config", default=None, type=click.Path(), help="Encoder config JSON (random weights; for tests).")
+@click.option("--n", "n", default=200, show_default=True, type=int, help="Number of images (random sample).")
+@click.option("--pool", type=click.Choice(["tokens", "mean"]), default="tokens", show_default=True,
+              help="Samples: fixed patch positions, or one mean vector per image.")
+@click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(3),
+              help="Total token samples per layer (--pool tokens).")
+@pipeline_options("reports/layers")
+def layers_cmd(kind: str, model: str | None, config: str | None, n: int, pool: str, max_tokens: int, images: str,
+               out: str, force: bool, batch_size: int, workers: int | None, device: str, dtype: str | None,
+               cache_dir: str | None, seed: int, quiet: bool) -> None:
+    """Linear CKA between an encoder's layers.
+
+    Every pair of layers and each layer to the last one (COMM's analysis).
+    """
+    from .features import select_images
+    from .layers import build_report, load_encoder, run_layers
+    from .report import Report
+
+    Report.check_output(out, force)
+    _quiet(quiet)
+    enc = load_encoder(kind, model, config, dtype=parse_dtype(dtype))
+    sel = select_images(images, n, seed)
+    if sel.note:
+        click.echo(f"warning: {sel.note}", err=True)
+    res = run_layers(sel.paths, enc, pool=pool, max_tokens=max_tokens, seed=seed, batch_size=batch_size,
+                     workers=workers, device=device, cache_dir=cache_dir, progress=not quiet)
+    _warn_skipped(res.stats)
+    build_report(res, sel, model or f"config {config}", _command_line()).write(out, force=force)
+    _done(Path(out))
+
+
+def _parse_layers(spec: str) -> list[int] | None:
+    if spec.strip().lower() == "all":
+        return None
+    from fuse.errors import DataError
+
+    try:
+        return [int(x) for x in spec.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise DataError(f"--layers {spec!r}: expected 'all' or comma-separated layer indices like '-1,-2,10'") from None
+
+
+@click.command("attention")
+@click.argument("fused_dir", type=click.Path())
+@click.option("--questions", required=True, type=click.Path(),
+              help="Questions: a text file (one per line, asked of every image) or .jsonl/.json with "
+                   "{\"image\", \"question\"} entries.")
+@click.option("--n", "n", default=None, type=int, help="Use a random sample of N (image, question) samples.")
+@click.option("--layers", "layers_spec", default="all", show_default=True, help="LLM layers: all or e.g. '-1,-2,8'.")
+@click.option("--query", type=click.Choice(["answer", "last"]), default="answer", show_default=True,
+              help="Attending positions: answer-generating positions, or the last prompt position only.")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--topk", default=10.0, show_default=True, type=click.FloatRange(0, 100, min_open=True),
+              help="Top-k%% cells for the IoU.")
+@click.option("--figures", "max_figures", default=8, show_default=True, type=click.IntRange(0),
+              help="Samples with overlay figures.")
+@pipeline_options("reports/attention", default_batch=4)
+def attention_cmd(fused_dir: str, questions: str, n: int | None, layers_spec: str, query: str, max_new_tokens: int,
+                  topk: float, max_figures: int, images: str, out: str, force: bool, batch_size: int,
+                  workers: int | None, device: str, dtype: str | None, cache_dir: str | None, seed: int,
+                  quiet: bool) -> None:
+    """Attention-region divergence between members.
+
+    FUSED_DIR: a fused model directory (`fuse merge` output).
+    """
+    from .attention import build_report, read_questions, run_attention
+    from .features import resolve_device
+    from .report import Report
+    from .sources import require_fused
+
+    Report.check_output(out, force)
+    _quiet(quiet)
+    root = require_fused(fused_dir)
+    layers = _parse_layers(layers_spec)
+    samples, note = read_questions(questions, images, n, seed)
+    if note:
+        click.echo(f"warning: {note}", err=True)
+    if cache_dir:
+        click.echo("note: --cache is not used by attention (maps depend on the question)", err=True)
+    from fuse.model import FusedModel
+
+    dev = resolve_device(device)
+    model = FusedModel.from_pretrained(root, dtype=parse_dtype(dtype), device=dev)
+    res = run_attention(model, samples, layers=layers, query=query, max_new_tokens=max_new_tokens, topk=topk,
+                        batch_size=batch_size, workers=workers, device=dev, progress=not quiet)
+    _warn_skipped(res.stats)
+    build_report(res, str(root), note, _command_line(), max_figures, root=Path(images)).write(out, force=force)
+    _done(Path(out))
+
+
+COMMANDS: list[click.Command] = [align_cmd, attention_cmd, blind_pairs_cmd, layers_cmd]
+
+
+def register(group: click.Group) -> None:
+    for cmd in COMMANDS:
+        group.add_command(cmd)
