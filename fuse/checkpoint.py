@@ -181,6 +181,20 @@ class LazyCheckpoint:
             t = t.to(dtype)
         return t
 
+    def get_rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read rows ``[start, stop)`` of one tensor (first axis) without touching the others."""
+        info = self.info(key)
+        if not (0 <= start <= stop <= (info.shape[0] if info.shape else 0)):
+            raise CheckpointError(f"{info.file}: rows {start}:{stop} out of range for {key} {list(info.shape)}")
+        try:
+            with safe_open(str(info.file), framework="pt", device="cpu") as fh:
+                t = fh.get_slice(key)[start:stop]
+        except Exception as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {key} ({e})") from None
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
     def iter_tensors(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(key, tensor)`` one at a time, grouped by file to keep the mmap warm."""
         keys = list(self._info) if keys is None else keys
@@ -230,6 +244,9 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal directory permissions
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
