@@ -1,0 +1,132 @@
+"""Atomic training checkpoints and exact resume.
+
+Layout (``<output_dir>/checkpoints/step-0000040/``)::
+
+    accelerate/              accelerator.save_state: model.safetensors (fusion + LLM; encoders are
+                             frozen and not part of the wrapped model), optimizer.bin, scheduler.bin,
+                             random_states_<rank>.pkl (python/numpy/torch RNG of every process)
+    trainer_state.json       step, epoch, data position, fusion spec, stage, global batch, counters, config
+
+A checkpoint is written into ``.step-0000040.tmp`` and renamed when complete, so an
+interrupted save never looks like a checkpoint; ``trainer_state.json`` is written last.
+``accelerate`` loads optimizer/scheduler/RNG files with ``torch.load(weights_only=True)``.
+The data position is the global step: batches are a pure function of (seed, epoch, step),
+so resuming replays nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fuse.errors import CheckpointError
+
+STATE_FILE = "trainer_state.json"
+ACCELERATE_DIR = "accelerate"
+CHECKPOINTS = "checkpoints"
+FORMAT = "visionfuse-train-checkpoint"
+_STEP_RX = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under ``root`` (sorted by step)."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RX.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            out.append((int(m[1]), p))
+    return sorted(out)
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint dir, or the latest complete checkpoint of a run dir / checkpoints dir."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        return p
+    for root in (p / CHECKPOINTS, p):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1][1]
+    if not p.exists():
+        raise CheckpointError(f"{p}: --resume path does not exist")
+    raise CheckpointError(f"{p}: no training checkpoint here (expected {STATE_FILE} or {CHECKPOINTS}/step-*/)")
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    f = ckpt / STATE_FILE
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{f}: unreadable trainer state ({e.__class__.__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: not a `train comm` checkpoint")
+    if not (ckpt / ACCELERATE_DIR).is_dir():
+        raise CheckpointError(f"{ckpt / ACCELERATE_DIR}: missing (incomplete checkpoint)")
+    return state
+
+
+def check_compatible(ckpt: Path, state: dict, expected: dict[str, Any]) -> None:
+    """Refuse a checkpoint from another fusion type / architecture / batch layout, naming the field."""
+    fs, fe = state.get("fusion") or {}, expected["fusion"]
+    if fs.get("type") != fe.get("type"):
+        raise CheckpointError(f"{ckpt}: checkpoint is from a {fs.get('type')!r} fusion run; this run trains "
+                              f"{fe.get('type')!r} (fusion.type)")
+    for k in ("layers", "dims", "grid", "llm_hidden", "projector", "mlp_depth", "mlp_ratio", "concat", "width"):
+        a, b = fs.get(k), fe.get(k)
+        if k == "grid":
+            a, b = list(a or []), list(b or [])
+        if a != b:
+            raise CheckpointError(f"{ckpt}: fusion.{k} differs from this run ({a!r} in the checkpoint, {b!r} now)")
+    for k in ("stage", "global_batch_size", "total_steps"):
+        if state.get(k) != expected.get(k):
+            raise CheckpointError(f"{ckpt}: {k} is {state.get(k)!r} in the checkpoint but {expected.get(k)!r} in "
+                                  "this run; resume with the same config")
+
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Collective: every process calls it. Returns the final checkpoint dir."""
+    final = root / checkpoint_name(step)
+    tmp = root / f".{checkpoint_name(step)}.tmp"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / ACCELERATE_DIR), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        body = json.dumps({"format": FORMAT, "version": 1, **state}, indent=2, default=str)
+        (tmp / (STATE_FILE + ".part")).write_text(body)
+        os.replace(tmp / (STATE_FILE + ".part"), tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
+    """Check compatibility, restore model/optimizer/scheduler/RNG, return the trainer state."""
+    state = read_state(ckpt)
+    check_compatible(ckpt, state, expected)
+    try:
+        accelerator.load_state(str(ckpt / ACCELERATE_DIR))
+    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{ckpt}: cannot restore ({str(e).splitlines()[0][:200]})") from None
+    return state
+
+
+__all__ = ["ACCELERATE_DIR", "CHECKPOINTS", "STATE_FILE", "check_compatible", "checkpoint_name", "find_checkpoint",
+           "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint"]
