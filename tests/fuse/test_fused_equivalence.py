@@ -83,9 +83,9 @@ def test_one_member_llava_hf_from_disk_equals_original(tiny_llava_hf, hf_origina
 
 
 def test_one_member_original_llava15_format_equals_original(tiny_llava_hf, tiny_llava_orig, hf_original, tmp_path):
-    """The original LLaVA-1.5 layout (llava_v1 prompt style) on the same weights."""
+    """The original LLaVA-1.5 layout (vicuna_v1 prompt style, what LLaVA-1.5 was trained with) on the same weights."""
     member = load_member(tiny_llava_orig)
-    assert member.format == "llava" and member.text.prompt_style == "llava_v1"
+    assert member.format == "llava" and member.text.prompt_style == "vicuna_v1"
     out = build_fused_dir(tmp_path / "fused", [member])
     fused = FusedModel.from_pretrained(out)
     check_equal(fused, hf_original, tiny_llava_hf[0], random_image(5, (56, 56)))
