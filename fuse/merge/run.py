@@ -1,0 +1,226 @@
+"""``fuse merge``: recipe -> family check -> streaming LLM merge -> OUT (atomically).
+
+Memory: one row chunk (element-wise methods) or one tensor (TIES/DARE with
+density < 1) per input is resident at a time; output bytes go straight to
+the shard files (:class:`~fuse.merge.writer.StreamingShardWriter`); member
+vision branches are loaded one at a time, only to be saved.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..checkpoint import atomic_output_dir
+from ..errors import CheckpointError
+from ..recipe import Recipe
+from .checksums import BackgroundChecksums
+from .family import FamilyReport, check_family
+from .methods import MergeError, TensorMerger
+from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
+                      union_eos)
+from .plan import MergePlan, TensorJob, build_plan, dtype_name
+from .sources import BaseInput, MemberInput, open_base, open_member, open_members
+from .writer import StreamingShardWriter
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    base: BaseInput | None
+    members: list[MemberInput]
+    report: FamilyReport
+
+
+@dataclass
+class MergeResult:
+    out: Path | None
+    plan: MergePlan
+    report: FamilyReport
+    seconds: float = 0.0
+
+
+def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True) -> Prepared:
+    """Open base + members (headers, configs, tokenizers) and run the family check."""
+    base = open_base(recipe)
+    members = open_members(recipe, keep_vision=False)
+    report = check_family(base, members)
+    if echo is not None:
+        echo(report.table(allow_foreign))
+    if raise_bad:
+        report.raise_if_bad(recipe.label, allow_foreign)
+    return Prepared(recipe, base, members, report)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t`` (min/max propagate NaN; one read-only pass, no mask tensor)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def _read(part, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
+    return part.reader.get_rows(part.keys[name], start, stop, dtype)
+
+
+def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
+                out_dtype: torch.dtype) -> MergeError:
+    bad = [label for label, t in inputs if t is not None and not _finite(t)]
+    cause = (f"input{'s' if len(bad) > 1 else ''} {', '.join(bad)} already contain{'' if len(bad) > 1 else 's'} "
+             "NaN/Inf" if bad else
+             f"the inputs are finite: values overflow the compute/output dtype ({dtype_name(out_dtype)})")
+    return MergeError(f"{recipe.label}: merged tensor {job.name} (rows {rows[0]}:{rows[1]}) contains NaN/Inf; "
+                      f"{cause}; nothing was written")
+
+
+def merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
+              directory: Path, display_dir: Path | None = None, progress: bool = True,
+              threads: int | None = None) -> int:
+    """Merge every planned tensor into ``directory`` (streaming). Returns bytes written.
+
+    ``threads``: torch intra-op threads during the merge. Default: 1 for row-chunked merges
+    (cache-sized, memory-bound element-wise math gains nothing from more threads and loses a lot
+    on a busy machine), torch's default for whole-tensor methods (TIES/DARE top-k, sampling).
+    """
+    saved_threads = torch.get_num_threads()
+    n_threads = threads or (1 if plan.chunked else saved_threads)
+    torch.set_num_threads(n_threads)
+    try:
+        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
+               directory: Path, display_dir: Path | None, progress: bool) -> int:
+    from tqdm import tqdm
+
+    merger = TensorMerger(recipe.merge.method, [m.name for m in members], [m.weight for m in members],
+                          [m.spec.density for m in members], recipe.merge.parameters, plan.compute_dtype,
+                          with_base=plan.with_base)
+    writer = StreamingShardWriter(directory, [(j.name, j.shape, j.out_dtype) for j in plan.jobs], plan.max_shard_bytes,
+                                  display_dir=display_dir)
+    compute = plan.compute_dtype
+    t0, read = time.perf_counter(), 0
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), \
+                tqdm(total=len(plan.jobs), unit="tensor", desc="merging LLM", disable=not progress,
+                     dynamic_ncols=True, leave=True) as bar:
+            torch.manual_seed(recipe.merge.seed)  # mergekit-yaml --random-seed seeds torch the same way
+            for job in plan.jobs:
+                for a, b in job.chunks:
+                    ins = [_read(m.llm, job.name, a, b, compute) for m in members]
+                    bt = _read(base.llm, job.name, a, b, compute) if plan.with_base else None
+                    out = merger(ins, bt, job.out_dtype, job.name)
+                    if not _finite(out):
+                        raise _not_finite(recipe, job, (a, b), [(m.name, t) for m, t in zip(members, ins)] +
+                                          [("base_model", bt)], job.out_dtype)
+                    del ins, bt
+                    writer.append(job.name, out)
+                    del out
+                for a, b, owner in job.carried:
+                    t = _read(members[owner].llm, job.name, a, b, job.out_dtype)
+                    if not _finite(t):
+                        raise _not_finite(recipe, job, (a, b), [(members[owner].name, t)], job.out_dtype)
+                    writer.append(job.name, t)
+                    del t
+                read += job.read_bytes
+                dt = max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{read / dt / 1e9:.2f} GB/s read", refresh=False)
+                bar.update(1)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.bytes_written
+
+
+def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path) -> None:
+    """Each member's vision branch into ``directory/<name>`` (``Member.save_vision_branch``: in the
+    dtype the source stores it), one member in memory at a time."""
+    for m in members:
+        full = open_member(recipe, m.index, keep_vision=True)
+        full.member.save_vision_branch(directory / m.name)
+        del full
+
+
+def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
+    """OUT must not be, contain or sit inside an input (``--force`` would delete it)."""
+    o = out.resolve()
+    for field, src in sources:
+        s = Path(src).resolve()
+        if o == s or s.is_relative_to(o) or o.is_relative_to(s):
+            raise CheckpointError(f"{out}: output overlaps the input {field} ({src}); choose another output directory")
+
+
+def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
+              allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
+              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
+    """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``)."""
+    t0 = time.perf_counter()
+    out = Path(out or recipe.output.dir)
+    if out.exists() and not force and not dry_run:
+        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+    prep = prepare(recipe, allow_foreign, echo=echo)
+    base, members = prep.base, prep.members
+    inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
+    _refuse_overlap(out, inputs)
+    text_index = recipe.text_member_index()
+    tok_src = tokenizer_source(recipe, members[text_index], base)
+    plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)
+    if dry_run:
+        echo(plan.describe(out))
+        if out.exists() and not force:
+            echo(f"note: {out} exists; the real run needs --force")
+        echo("dry run: nothing written")
+        return MergeResult(None, plan, prep.report, time.perf_counter() - t0)
+    eos = union_eos(members, text_index, recipe.text.extra_eos_ids)
+    sums = BackgroundChecksums([m.path for m in members] + ([base.path] if base else [])) if checksums else None
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            try:
+                merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
+                          threads=threads)
+                cfg = llm_config(members[text_index], plan, eos)
+                (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
+                (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
+                copy_tokenizer(tok_src, tmp / "llm")
+                save_vision_branches(recipe, members, tmp / "members")
+                sources = sums.result() if sums else {}
+                fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+                (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
+                (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
+                                                             "architectures": ["FusedModel"], **fcfg}, indent=2))
+                (tmp / "README.md").write_text(model_card(fcfg, plan))
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise CheckpointError(f"{out}: disk full (no space left on device); nothing was written") from None
+                raise CheckpointError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        if sums is not None:
+            sums.cancel()
+        raise
+    seconds = time.perf_counter() - t0
+    echo(f"wrote {out}: llm/ ({len(plan.jobs)} tensors, {plan.llm_bytes / 1e9:.3f} GB), members: "
+         f"{', '.join(m.name for m in members)} ({seconds:.1f} s)")
+    return MergeResult(out, plan, prep.report, seconds)
+
+
+def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print) -> FamilyReport:
+    """``fuse check``: print the family table; raise FamilyError if the merge would be refused."""
+    prep = prepare(recipe, allow_foreign, echo=echo, raise_bad=False)
+    prep.report.raise_if_bad(recipe.label, allow_foreign)
+    return prep.report
+
+
+__all__ = ["MergeResult", "Prepared", "check_recipe", "merge_llm", "prepare", "run_merge",
+           "save_vision_branches"]

@@ -1,0 +1,127 @@
+"""Open the merge inputs named by a recipe: the base LLM and the members (headers only).
+
+Members are read with :func:`fuse.members.load_member`; their vision branch is
+dropped right away (``keep_vision=False``) so only LLM headers, tokenizer facts and
+config stay in memory. Every error is re-raised naming the recipe field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import LazyCheckpoint, read_json
+from ..errors import FuseError
+from ..members import LLMPart, Member, detect_format, load_member, resolve_path
+from ..members.base import llm_config_from
+from ..members.common import tokenizer_dir
+from ..recipe import MemberSpec, Recipe
+
+LLAMA_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+@dataclass
+class MemberInput:
+    """One opened member (vision branch already released unless asked to keep it)."""
+
+    index: int
+    name: str
+    spec: MemberSpec
+    member: Member
+    weight: float
+    vision_bytes: int = 0        # the loaded branch in memory (as built by the adapter)
+    vision_save_bytes: int = 0   # the branch as saved (in its stored dtype)
+
+    @property
+    def llm(self) -> LLMPart:
+        return self.member.llm
+
+    @property
+    def format(self) -> str:
+        return self.member.format
+
+    @property
+    def path(self) -> Path:
+        return self.member.path
+
+    @property
+    def field(self) -> str:
+        return f"members[{self.index}]"
+
+
+@dataclass
+class BaseInput:
+    """The shared pretrained LLM (a plain ``LlamaForCausalLM`` dir, or the LLM of an MLLM checkpoint)."""
+
+    source: str
+    path: Path
+    llm: LLMPart
+    architecture: str
+    tokenizer_path: str | None
+    extra: dict = field(default_factory=dict)
+
+
+def _reraise(recipe: Recipe, where: str, e: FuseError) -> FuseError:
+    return type(e)(f"{recipe.label}: {where}: {e}")
+
+
+def open_base(recipe: Recipe) -> BaseInput | None:
+    if not recipe.base_model:
+        return None
+    try:
+        path = resolve_path(recipe.base_model)
+        if not path.is_dir():
+            raise FuseError(f"{path}: the base model must be a checkpoint directory")
+        config = read_json(path / "config.json", "config.json (is this a model directory?)")
+        reader = LazyCheckpoint(path)
+        archs = config.get("architectures") or []
+        if config.get("model_type") == "llama" or any(a in LLAMA_ARCHITECTURES for a in archs):
+            keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
+            llm = LLMPart(config=llm_config_from(config), keys=keys, reader=reader)
+            return BaseInput(recipe.base_model, path, llm, "LlamaForCausalLM", tokenizer_dir(path))
+        try:
+            detect_format(config, reader.keys(), path)
+        except FuseError:  # not an MLLM we know: report its architecture in the family check
+            arch = (archs or [config.get("model_type", "?")])[0]
+            keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
+            llm = LLMPart(config=dict(config), keys=keys, reader=reader)
+            return BaseInput(recipe.base_model, path, llm, str(arch), tokenizer_dir(path))
+        m = load_member(path)
+        m.vision = None
+        return BaseInput(recipe.base_model, path, m.llm, "LlamaForCausalLM", m.text.tokenizer_path)
+    except FuseError as e:
+        raise _reraise(recipe, "base_model", e) from None
+
+
+def vision_nbytes(member: Member) -> int:
+    if member.vision is None:
+        return 0
+    return sum(t.numel() * t.element_size() for t in member.vision.state_dict().values())
+
+
+def open_member(recipe: Recipe, index: int, keep_vision: bool = False, dtype: torch.dtype | None = None) -> MemberInput:
+    spec = recipe.members[index]
+    name = recipe.member_names()[index]
+    try:
+        m = load_member(spec.model, format=spec.format, dtype=dtype, name=name, **spec.options)
+    except FuseError as e:
+        raise _reraise(recipe, f"members[{index}].model", e) from None
+    except TypeError as e:  # unknown adapter option
+        raise _reraise(recipe, f"members[{index}].options", FuseError(str(e))) from None
+    nbytes = vision_nbytes(m)
+    stored = m.vision_source_dtype()  # save_vision_branch writes the branch back in this dtype
+    sd = m.vision.state_dict().values() if m.vision is not None else []
+    save_bytes = sum(t.numel() * (stored.itemsize if stored is not None and t.is_floating_point() else t.element_size())
+                     for t in sd)
+    if not keep_vision:
+        m.vision = None  # released: re-read when the branch is saved
+    return MemberInput(index, name, spec, m, recipe.weights()[index], nbytes, save_bytes)
+
+
+def open_members(recipe: Recipe, keep_vision: bool = False) -> list[MemberInput]:
+    return [open_member(recipe, i, keep_vision) for i in range(len(recipe.members))]
+
+
+__all__ = ["BaseInput", "MemberInput", "open_base", "open_member", "open_members", "vision_nbytes"]

@@ -1,0 +1,282 @@
+"""The merge recipe: a YAML file validated by a pydantic schema.
+
+```yaml
+base_model: meta-llama/Meta-Llama-3-8B-Instruct   # path or hub id; required except for `linear`
+members:                                          # order = visual-token order at inference
+  - model: YanweiLi/MGM-8B      # path or hub id (hub ids: local Hugging Face cache only)
+    format: auto                # auto|llava-hf|llava|mgm|slime|comm
+    weight: 0.5                 # default 1/n
+    density: null               # ties / dare_*: fraction of the delta kept
+    name: mgm                   # default: the model's basename, de-duplicated (-2, -3 ...)
+merge:
+  method: task_arithmetic       # task_arithmetic|ties|dare_ties|dare_linear|linear
+  parameters: {}                # method-level mergekit parameters (normalize, int8_mask, lambda, rescale)
+  dtype: float32                # compute dtype (float64: exact identities for float32 members)
+  out_dtype: null               # default: the members' stored dtype
+  seed: 0                       # RNG seed of dare_* (same stream as `mergekit-yaml --random-seed`)
+text:
+  member: null                  # member (name) giving tokenizer + prompt style; default: the first
+  extra_eos_ids: []             # added to the union of the members' eos ids
+inference: {}                   # copied verbatim into fuse_config.json
+output:
+  dir: out/fused
+  max_shard_size: 5GB
+```
+
+Relative paths (``base_model``, ``members[].model``, ``output.dir``) are resolved
+against the directory of the recipe file, so a recipe can sit next to its
+checkpoints. A value that does not exist there and looks like ``org/name`` is
+kept as a hub id. Every validation error is one line naming the file and the
+field, e.g. ``recipe.yaml: merge.method: 'foo' is not one of task_arithmetic, ...``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import RecipeError
+
+MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
+MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+MethodName = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"]
+FormatName = Literal["auto", "llava-hf", "llava", "mgm", "slime", "comm"]
+DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class MemberSpec(_Strict):
+    """One member MLLM of the family."""
+
+    model: str
+    format: FormatName = "auto"
+    weight: Optional[float] = None
+    density: Optional[float] = None
+    name: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to the format adapter (e.g. prompt_style)
+
+    @field_validator("model")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a path or hub id, got an empty string")
+        return v.strip()
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+    @field_validator("density")
+    @classmethod
+    def _density(cls, v: float | None) -> float | None:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} must be a plain directory name (letters, digits, . _ -)")
+        return v
+
+
+class MergeSpec(_Strict):
+    method: MethodName = "task_arithmetic"
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: DtypeName = "float32"
+    out_dtype: Optional[DtypeName] = None
+    seed: int = Field(default=0, ge=0)
+
+
+class TextSpec(_Strict):
+    member: Optional[str] = None
+    extra_eos_ids: list[int] = Field(default_factory=list)
+
+
+class OutputSpec(_Strict):
+    dir: str = "out/fused"
+    max_shard_size: str | int = "5GB"
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str | int) -> str | int:
+        from .checkpoint import parse_size
+        from .errors import CheckpointError
+
+        try:
+            n = parse_size(v)
+        except CheckpointError:
+            raise ValueError(f"{v!r} is not a size like '5GB' or '500MB'") from None
+        if n <= 0:
+            raise ValueError(f"must be positive, got {v!r}")
+        return v
+
+
+class Recipe(_Strict):
+    """A validated recipe. ``source`` is the file it came from (for messages and relative paths)."""
+
+    base_model: Optional[str] = None
+    members: list[MemberSpec] = Field(min_length=1)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    text: TextSpec = Field(default_factory=TextSpec)
+    inference: dict[str, Any] = Field(default_factory=dict)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    source: Optional[str] = Field(default=None, exclude=True)
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return self.source or "recipe"
+
+    def error(self, field: str, message: str, cls: type[Exception] = RecipeError) -> Exception:
+        return cls(f"{self.label}: {field}: {message}")
+
+    def member_names(self) -> list[str]:
+        """Names in member order: ``name`` or the model's basename, de-duplicated with -2, -3 ..."""
+        names: list[str] = []
+        explicit = {m.name for m in self.members if m.name}
+        for m in self.members:
+            if m.name:
+                names.append(m.name)
+                continue
+            stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(m.model.rstrip("/\\")).name) or "member"
+            cand, k = stem, 1
+            while cand in names or cand in explicit:
+                k += 1
+                cand = f"{stem}-{k}"
+            names.append(cand)
+        return names
+
+    def weights(self) -> list[float]:
+        n = len(self.members)
+        return [m.weight if m.weight is not None else 1.0 / n for m in self.members]
+
+    def text_member_index(self) -> int:
+        if self.text.member is None:
+            return 0
+        return self.member_names().index(self.text.member)
+
+    def check(self) -> "Recipe":
+        """Cross-field rules (names, base requirement, method parameters). Raises RecipeError."""
+        from .merge.methods import method_info
+
+        seen: set[str] = set()
+        for i, m in enumerate(self.members):
+            if m.name and m.name in seen:
+                raise self.error(f"members[{i}].name", f"{m.name!r} is used by two members")
+            seen.add(m.name or "")
+        info = method_info(self.merge.method)
+        if info.needs_base and not self.base_model:
+            raise self.error("base_model", f"required for merge.method {self.merge.method!r} "
+                             "(only 'linear' merges without a base)")
+        for i, m in enumerate(self.members):
+            if m.density is not None and "density" not in info.member_parameters():
+                raise self.error(f"members[{i}].density", f"not used by merge.method {self.merge.method!r} "
+                                 f"(ties, dare_ties, dare_linear use it)")
+        try:
+            info.validate_parameters(self.merge.parameters)
+        except ValueError as e:
+            raise self.error(f"merge.parameters{e.args[0]}", e.args[1]) from None
+        all_names = self.member_names()
+        if self.text.member is not None and self.text.member not in all_names:
+            raise self.error("text.member", f"{self.text.member!r} is not a member name "
+                             f"(members: {', '.join(all_names)})")
+        return self
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    kind, ctx, value = err.get("type", ""), err.get("ctx") or {}, err.get("input")
+    if kind == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        return f"{value!r} is not one of {', '.join(allowed)}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "too_short" and isinstance(value, list):
+        return "needs at least one entry"
+    msg = str(err.get("msg", "invalid value"))
+    msg = re.sub(r"^Value error, ", "", msg)
+    return f"{msg} (got {value!r})" if kind in ("float_parsing", "int_parsing", "float_type", "int_type",
+                                                 "string_type", "dict_type", "list_type", "bool_parsing") else msg
+
+
+def _resolve(value: str, root: Path) -> str:
+    """A recipe path relative to the recipe dir; ``org/name`` that does not exist there stays a hub id."""
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute():
+        return str(p)
+    local = Path(os.path.normpath(root / p))
+    if local.exists():
+        return str(local)
+    looks_like_hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value) is not None and not value.startswith(".")
+    return value if looks_like_hub_id else str(local)
+
+
+def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None) -> Recipe:
+    """Validate a recipe mapping. ``root``: directory that relative paths are resolved against."""
+    label = source or "recipe"
+    if not isinstance(data, dict):
+        raise RecipeError(f"{label}: expected a mapping with base_model, members, merge, ... at the top level")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise RecipeError(f"{label}: {_field_path(first['loc'])}: {_describe(first)}{more}") from None
+    recipe.source = source
+    if root is not None:
+        root = Path(root)
+        if recipe.base_model:
+            recipe.base_model = _resolve(recipe.base_model, root)
+        for m in recipe.members:
+            m.model = _resolve(m.model, root)
+        out = Path(os.path.expanduser(recipe.output.dir))
+        recipe.output.dir = os.path.normpath(out if out.is_absolute() else root / out)
+    return recipe.check()
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe YAML file (relative paths resolved against its directory)."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{p}: no such recipe file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{p}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{p}: cannot read ({e})") from None
+    return parse_recipe(data, source=str(p), root=p.parent.resolve())
+
+
+__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
+           "TextSpec", "load_recipe", "parse_recipe"]

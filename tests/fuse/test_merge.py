@@ -1,0 +1,296 @@
+"""`fuse merge` against mergekit's own CLI, exact identities, the output layout, appended vocab rows.
+
+mergekit is run as a subprocess on the members' LLM parts exported to plain HF dirs (the same
+weights `fuse merge` reads out of the MLLM checkpoints): one `mergekit-multi` process for the
+deterministic methods and one `mergekit-yaml --random-seed` per DARE variant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from fuse.checkpoint import LazyCheckpoint, ShardedWriter
+from fuse.cli import main as fuse_cli
+
+WEIGHTS = [0.5, 0.3, 0.4]
+DENSITIES = [0.5, 0.7, 0.6]
+# name -> (recipe merge section, per-member extras, mergekit top-level extras)
+CASES = {
+    "task_arithmetic": ({"method": "task_arithmetic", "out_dtype": "float32"}, {}, {}),
+    "ties": ({"method": "ties", "parameters": {"int8_mask": True}, "out_dtype": "bfloat16"},
+             {"density": DENSITIES}, {"parameters": {"int8_mask": True}}),
+    "linear": ({"method": "linear", "out_dtype": "float16"}, {}, {}),
+    "dare_ties": ({"method": "dare_ties", "seed": 7, "out_dtype": "float32"}, {"density": DENSITIES}, {}),
+    "dare_linear": ({"method": "dare_linear", "seed": 11, "out_dtype": "float32"}, {"density": DENSITIES}, {}),
+}
+SEEDED = {"dare_ties": 7, "dare_linear": 11}
+
+
+def run_cli(*args, env=None):
+    return CliRunner().invoke(fuse_cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def write_recipe(path: Path, base: Path | None, members: list, merge: dict, **extra) -> Path:
+    data = {"members": members, "merge": merge, **extra}
+    if base is not None:
+        data["base_model"] = str(base)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return LazyCheckpoint(directory).state_dict()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, tiny_base):
+    """Three members of the tiny family in both LLaVA layouts + their LLMs as plain HF dirs."""
+    from fuse.members import load_member
+    from fuse.merge.export import export_llm
+    from fuse.testing import build_llava_hf_member, build_llava_member
+
+    root = tmp_path_factory.mktemp("family")
+    members = [build_llava_hf_member(root / "a", tiny_base, seed=1)[0],
+               build_llava_member(root / "b", tiny_base, seed=2),
+               build_llava_hf_member(root / "c", tiny_base, seed=3)[0]]
+    llms = [export_llm(load_member(m).llm, root / f"{m.name}_llm", tokenizer_dir=m) for m in members]
+    return {"root": root, "base": Path(tiny_base), "members": members, "llms": llms}
+
+
+@pytest.fixture(scope="module")
+def mergekit_out(family):
+    """mergekit's outputs, one dir per case, from its own CLIs."""
+    root = family["root"] / "mergekit"
+    root.mkdir()
+
+    def config(case: str) -> dict:
+        merge, per_member, top = CASES[case]
+        models = []
+        for i, llm in enumerate(family["llms"]):
+            params = {"weight": WEIGHTS[i], **{k: v[i] for k, v in per_member.items()}}
+            models.append({"model": str(llm), "parameters": params})
+        cfg = {"merge_method": merge["method"], "models": models, "dtype": "float32", "out_dtype": merge["out_dtype"],
+               **top}
+        if merge["method"] != "linear":
+            cfg["base_model"] = str(family["base"])
+        return cfg
+
+    multi = [dict(name=f"mk_{c}", **config(c)) for c in CASES if c not in SEEDED]
+    (root / "multi.yml").write_text(yaml.safe_dump_all(multi))
+    cmds = [["mergekit-multi", str(root / "multi.yml"), "-I", str(root), "--quiet"]]
+    for case, seed in SEEDED.items():
+        (root / f"{case}.yml").write_text(yaml.safe_dump(config(case)))
+        cmds.append(["mergekit-yaml", str(root / f"{case}.yml"), str(root / f"mk_{case}"), "--random-seed", str(seed),
+                     "--quiet"])
+    with ThreadPoolExecutor(len(cmds)) as pool:
+        results = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), cmds))
+    for cmd, res in zip(cmds, results):
+        assert res.returncode == 0, f"{cmd}: {res.stderr[-2000:]}"
+    return root
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bit_exact_vs_mergekit(family, mergekit_out, tmp_path, case):
+    merge, per_member, _ = CASES[case]
+    members = [{"model": str(m), "weight": WEIGHTS[i], **{k: v[i] for k, v in per_member.items()}}
+               for i, m in enumerate(family["members"])]
+    base = None if merge["method"] == "linear" else family["base"]
+    recipe = write_recipe(tmp_path / "r.yaml", base, members, {**merge, "dtype": "float32"})
+    # tiny chunks: element-wise methods are merged in many row chunks, which must not change a bit
+    res = run_cli("merge", recipe, "-o", tmp_path / "out", "-q", env={"FUSE_MERGE_CHUNK_BYTES": "1024"})
+    assert res.exit_code == 0, res.output
+    ours, ref = tensors(tmp_path / "out" / "llm"), tensors(mergekit_out / f"mk_{case}")
+    assert sorted(ours) == sorted(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype, k
+        assert torch.equal(ours[k], ref[k]), f"{case}: {k} differs from mergekit"
+    if case in SEEDED:  # a different seed must give a different result (the seed is really used)
+        recipe = write_recipe(tmp_path / "r2.yaml", base, members, {**merge, "dtype": "float32", "seed": 1})
+        assert run_cli("merge", recipe, "-o", tmp_path / "out2", "-q").exit_code == 0
+        other = tensors(tmp_path / "out2" / "llm")
+        assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_single_member_and_identical_members_reproduce_the_llm(family, tmp_path):
+    a = family["members"][0]
+    want = tensors(family["llms"][0])
+    cases = {
+        # float64 compute makes base + 1*(a - base) exact for float32 weights
+        "ta_single": (family["base"], [{"model": str(a), "weight": 1.0}], {"dtype": "float64"}),
+        "linear_single": (None, [{"model": str(a), "weight": 1.0}], {"method": "linear"}),
+        "ta_twice": (family["base"], [{"model": str(a)}, {"model": str(a)}], {"dtype": "float64"}),
+        "ties_twice": (family["base"], [{"model": str(a), "weight": 1.0}, {"model": str(a), "weight": 1.0}],
+                       {"method": "ties", "dtype": "float64"}),
+        "linear_twice": (None, [{"model": str(a)}, {"model": str(a)}], {"method": "linear"}),
+    }
+    for name, (base, members, merge) in cases.items():
+        recipe = write_recipe(tmp_path / f"{name}.yaml", base, members, merge)
+        res = run_cli("merge", recipe, "-o", tmp_path / name, "-q", "--no-checksums")
+        assert res.exit_code == 0, res.output
+        got = tensors(tmp_path / name / "llm")
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), f"{name}: {k}"
+
+
+def test_output_layout_and_loading(family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fuse.members import load_vision_branch
+    from fuse.merge.checksums import sha256_file
+
+    a, b = family["members"][:2]
+    recipe = write_recipe(tmp_path / "r.yaml", family["base"], [{"model": str(a)}, {"model": str(b), "name": "orig"}],
+                          {"method": "task_arithmetic"}, text={"member": "orig", "extra_eos_ids": [5]},
+                          inference={"token_budget": 123}, output={"dir": "fused", "max_shard_size": "40KB"})
+    res = run_cli("merge", recipe, "-q")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "fused"  # output.dir is relative to the recipe file
+    assert "dist to base" in res.output and "wrote" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "fuse_config.json", "llm", "members"]
+    assert not list(tmp_path.glob(".fused.tmp-*"))
+    # sharded LLM with an index, loadable by transformers as a plain LlamaForCausalLM
+    assert (out / "llm" / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(str(out / "llm"))
+    sd = tensors(out / "llm")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    tok = AutoTokenizer.from_pretrained(str(out / "llm"))
+    assert tok.convert_tokens_to_ids("<|eot_id|>") == 253
+    # the text side comes from the member named by text.member; eos = union + extra
+    cfg = json.loads((out / "fuse_config.json").read_text())
+    from fuse.members import load_member
+
+    assert cfg["text"] == {"member": "orig", "prompt_style": load_member(b).text.prompt_style,
+                           "placeholder": "<image>", "eos_token_ids": [253, 5]}
+    assert json.loads((out / "llm" / "generation_config.json").read_text())["eos_token_id"] == [253, 5]
+    assert [m["name"] for m in cfg["members"]] == ["a", "orig"]
+    assert [m["weight"] for m in cfg["members"]] == [0.5, 0.5]
+    assert cfg["members"][1]["dir"] == "members/orig" and cfg["members"][1]["format"] == "llava"
+    assert cfg["merge"] == {"method": "task_arithmetic", "parameters": {}, "dtype": "float32", "out_dtype": "float32",
+                            "seed": 0}
+    assert cfg["inference"] == {"token_budget": 123} and cfg["format_version"] == 1
+    assert cfg["base_model"] == str(family["base"])
+    full = json.loads((out / "config.json").read_text())
+    assert full.pop("model_type") == "visionfuse" and full.pop("architectures") == ["FusedModel"] and full == cfg
+    # checksums of every source file
+    files = cfg["sources"][str(a)]["files"]
+    assert files["model.safetensors"]["sha256"] == sha256_file(a / "model.safetensors")
+    assert files["config.json"]["size"] == (a / "config.json").stat().st_size
+    assert set(cfg["sources"]) == {str(a), str(b), str(family["base"])}
+    # vision branches are copies of the members' own
+    for name, src in (("a", a), ("orig", b)):
+        branch, vcfg = load_vision_branch(out / "members" / name)
+        own = load_member(src).vision.state_dict()
+        assert vcfg["format"] == load_member(src).format
+        for k, v in own.items():
+            assert torch.equal(branch.state_dict()[k], v), (name, k)
+    assert "orig" in (out / "README.md").read_text()
+
+
+def _with_pad_row(src: Path, dst: Path, seed: int = 5) -> tuple[Path, torch.Tensor, torch.Tensor]:
+    """A copy of an original-layout LLaVA member with one appended vocab row (like SliME's pad 128256)."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    sd = tensors(dst)
+    g = torch.Generator().manual_seed(seed)
+    rows = {}
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows[k] = torch.randn(1, sd[k].shape[1], generator=g)
+        sd[k] = torch.cat([sd[k], rows[k]])
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    w = ShardedWriter(dst)
+    for k, v in sd.items():
+        w.add(k, v)
+    w.close()
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] += 1
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    assert tok.convert_tokens_to_ids("<pad>") == cfg["vocab_size"] - 1
+    tok.save_pretrained(str(dst))
+    return dst, rows["model.embed_tokens.weight"][0], rows["lm_head.weight"][0]
+
+
+def test_appended_vocab_rows_are_carried(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    a, b = family["members"][:2]
+    b_pad, emb_row, head_row = _with_pad_row(b, tmp_path / "b_pad")
+    plain = write_recipe(tmp_path / "plain.yaml", family["base"], [{"model": str(a)}, {"model": str(b)}], {})
+    padded = write_recipe(tmp_path / "pad.yaml", family["base"], [{"model": str(a)}, {"model": str(b_pad)}], {},
+                          text={"member": "b_pad"})
+    check = run_cli("check", padded)
+    assert check.exit_code == 0, check.output
+    assert "257" in check.output and "+1 appended vocab row" in check.output
+    for r, o in ((plain, "plain"), (padded, "pad")):
+        res = run_cli("merge", r, "-o", tmp_path / o, "-q", "--no-checksums")
+        assert res.exit_code == 0, res.output
+    want, got = tensors(tmp_path / "plain" / "llm"), tensors(tmp_path / "pad" / "llm")
+    for k in want:
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert got[k].shape[0] == 257
+            assert torch.equal(got[k][:256], want[k])  # shared rows: merged as usual
+        else:
+            assert torch.equal(got[k], want[k])
+    assert torch.equal(got["model.embed_tokens.weight"][256], emb_row)  # appended row: carried verbatim
+    assert torch.equal(got["lm_head.weight"][256], head_row)
+    cfg = json.loads((tmp_path / "pad" / "llm" / "config.json").read_text())
+    assert cfg["vocab_size"] == 257
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "pad" / "llm")).config.vocab_size == 257
+    fcfg = json.loads((tmp_path / "pad" / "fuse_config.json").read_text())
+    assert [m["vocab_rows"] for m in fcfg["members"]] == [256, 257] and fcfg["llm"]["vocab_rows"] == 257
+
+
+def test_dry_run_plan_writes_nothing(family, tmp_path):
+    from fuse.members import load_member
+
+    members = [{"model": str(m), "density": 0.5} for m in family["members"]]
+    recipe = write_recipe(tmp_path / "r.yaml", family["base"], members, {"method": "ties", "out_dtype": "bfloat16"})
+    res = run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["r.yaml"]
+    llm = load_member(family["members"][0]).llm
+    n, nbytes = len(llm.names()), llm.total_bytes()  # float32 weights
+    out = res.output
+    assert f"LLM tensors      {n} ({n} mergekit calls, whole tensors)" in out  # TIES top-k: whole tensors
+    assert f"bytes to read    {4 * nbytes / 1e9:.3f} GB" in out  # 3 members + base
+    assert f"LLM {nbytes / 2 / 1e9:.3f} GB" in out  # one bfloat16 copy
+    assert "peak memory      ~" in out and "dry run: nothing written" in out
+
+
+def test_plan_chunks_and_peak_estimate(family):
+    from fuse.merge.family import check_family
+    from fuse.merge.plan import build_plan
+    from fuse.merge.sources import open_base, open_members
+    from fuse.recipe import parse_recipe
+
+    def plan(method, density=None, chunk=1024):
+        r = parse_recipe({"base_model": str(family["base"]), "merge": {"method": method},
+                          "members": [{"model": str(m), **({"density": density} if density else {})}
+                                      for m in family["members"]]})
+        base, members = open_base(r), open_members(r)
+        return build_plan(r, base, members, check_family(base, members).tensor_names, chunk_bytes=chunk)
+
+    ta = plan("task_arithmetic")
+    emb = next(j for j in ta.jobs if j.name == "model.embed_tokens.weight")
+    assert emb.chunks == [(i, i + 4) for i in range(0, 256, 4)]  # 1024 B / (64 * 4 B) = 4 rows per call
+    assert [j.name for j in ta.jobs] == sorted(j.name for j in ta.jobs)
+    sparse = plan("ties", density=0.5)
+    assert all(j.chunks == [(0, j.shape[0])] for j in sparse.jobs)  # top-k needs the whole tensor
+    assert sparse.working_set_bytes() > ta.working_set_bytes()
+    peak, base = ta.peak_memory_estimate(baseline=100)
+    assert peak == 100 + max(ta.working_set_bytes() + 16 * 2**20, int(1.25 * ta.vision_load_bytes))
+    assert ta.vision_load_bytes > 0 and ta.vision_bytes > 0

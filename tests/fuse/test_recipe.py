@@ -1,0 +1,129 @@
+"""Recipe schema: defaults, relative paths, and one-line errors that name the file and field."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fuse.errors import RecipeError
+from fuse.recipe import MERGE_METHODS, load_recipe, parse_recipe
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    p = write(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{p}: ")
+    return msg[len(f"{p}: "):]
+
+
+def test_defaults_and_names(tmp_path):
+    (tmp_path / "m").mkdir()
+    r = load_recipe(write(tmp_path, """
+        base_model: base
+        members:
+          - model: m
+          - model: other/m
+          - model: x/m
+            name: mine
+          - model: m
+    """))
+    assert r.merge.method == "task_arithmetic" and r.merge.dtype == "float32" and r.merge.out_dtype is None
+    assert r.merge.seed == 0 and r.merge.parameters == {} and r.inference == {}
+    assert r.weights() == [0.25] * 4
+    assert r.member_names() == ["m", "m-2", "mine", "m-3"]
+    assert r.text_member_index() == 0
+    assert r.output.max_shard_size == "5GB"
+
+
+def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
+    sub = tmp_path / "recipes"
+    (sub / "ckpt" / "a").mkdir(parents=True)
+    p = write(sub, """
+        base_model: ./ckpt/base-missing
+        members:
+          - {model: ckpt/a, weight: 0.7}
+          - {model: YanweiLi/MGM-8B, format: mgm}
+        output: {dir: out/fused, max_shard_size: 100MB}
+        text: {member: MGM-8B, extra_eos_ids: [7]}
+        inference: {token_budget: 300, anything: [1, 2]}
+    """)
+    monkeypatch.chdir(tmp_path.parent)
+    r = load_recipe(p)
+    assert Path(r.members[0].model) == (sub / "ckpt" / "a").resolve()
+    assert r.members[1].model == "YanweiLi/MGM-8B"  # not a local path: kept as a hub id
+    assert Path(r.base_model) == (sub / "ckpt" / "base-missing").resolve()  # ./ = a path, even if missing
+    assert Path(r.output.dir) == (sub / "out" / "fused").resolve()
+    assert r.weights() == [0.7, 0.5]
+    assert r.text_member_index() == 1 and r.text.extra_eos_ids == [7]
+    assert r.inference == {"token_budget": 300, "anything": [1, 2]}
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("merge: {method: foo}", "merge.method: 'foo' is not one of " + ", ".join(MERGE_METHODS)),
+    ("merge: {method: ties}", None),  # fine with a base (checked below without)
+    ("members: [{model: a, wieght: 2}]", "members[0].wieght: unknown field"),
+    ("members: [{model: a, density: 1.5}]", "members[0].density: must be in (0, 1], got 1.5"),
+    ("members: [{model: a, weight: heavy}]", "members[0].weight: "),
+    ("members: [{model: a, format: gguf}]", "members[0].format: 'gguf' is not one of auto, llava-hf, llava, mgm"),
+    ("members: []", "members: needs at least one entry"),
+    ("merge: {dtype: int8}", "merge.dtype: 'int8' is not one of float32, float16, bfloat16, float64"),
+    ("merge: {parameters: {normalise: true}}", "merge.parameters.normalise: unknown parameter for task_arithmetic"),
+    ("merge: {parameters: {weight: 1}}", "merge.parameters.weight: set per member"),
+    ("merge: {parameters: {lambda: lots}}", "merge.parameters.lambda: expected a float"),
+    ("output: {max_shard_size: huge}", "output.max_shard_size: 'huge' is not a size"),
+    ("text: {member: nobody}", "text.member: 'nobody' is not a member name (members: a, b)"),
+    ("members: [{model: a, name: x}, {model: b, name: x}]", "members[1].name: 'x' is used by two members"),
+    ("members: [{model: a, name: 'a/b'}]", "members[0].name: "),
+    ("surprise: 1", "surprise: unknown field"),
+])
+def test_field_errors(tmp_path, body, expected):
+    head = "base_model: base\n"
+    if not body.startswith("members"):
+        head += "members: [{model: a}, {model: b}]\n"
+    text = head + body + "\n"
+    if expected is None:
+        load_recipe(write(tmp_path, text))
+        return
+    assert error_of(tmp_path, text).startswith(expected)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear"])
+def test_base_required_except_linear(tmp_path, method):
+    msg = error_of(tmp_path, f"members: [{{model: a}}]\nmerge: {{method: {method}}}\n")
+    assert msg.startswith(f"base_model: required for merge.method '{method}'")
+    r = parse_recipe({"members": [{"model": "a"}], "merge": {"method": "linear"}})
+    assert r.base_model is None
+
+
+def test_density_only_for_methods_that_use_it(tmp_path):
+    msg = error_of(tmp_path, "members: [{model: a, density: 0.5}]\nmerge: {method: linear}\n")
+    assert msg.startswith("members[0].density: not used by merge.method 'linear'")
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+    p = write(tmp_path, "members: [model: a\n")
+    with pytest.raises(RecipeError, match=r"recipe.yaml: invalid YAML at line \d"):
+        load_recipe(p)
+    p = write(tmp_path, "- just\n- a list\n")
+    with pytest.raises(RecipeError, match="expected a mapping"):
+        load_recipe(p)
+    p = write(tmp_path, "base_model: b\n")
+    with pytest.raises(RecipeError, match="recipe.yaml: members: required field is missing"):
+        load_recipe(p)
+
+
+def test_example_recipe_validates():
+    r = load_recipe(Path(__file__).parents[2] / "recipes" / "llava_tiny.yaml")
+    assert r.merge.method == "task_arithmetic" and len(r.members) == 2
