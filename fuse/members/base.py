@@ -255,6 +255,15 @@ class FormatAdapter:
 
     @classmethod
     def load(cls, path: Path, config: dict, reader: LazyCheckpoint, **options: Any) -> Member:
+        """Default: run :meth:`_load` without random weight init (every parameter is then
+        loaded strictly from the checkpoint, so initialising it first is wasted work)."""
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():
+            return cls._load(path, config, reader, **options)
+
+    @classmethod
+    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, **options: Any) -> Member:
         raise NotImplementedError
 
 

@@ -197,14 +197,6 @@ class MGMAdapter(FormatAdapter):
         return any(a in archs for a in MGM_ARCHS) or config.get("model_type") in MGM_TYPES
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             **options: Any) -> Member:
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # every parameter is then loaded strictly from the checkpoint
-            return cls._load(path, config, reader, dtype, **options)
-
-    @classmethod
     def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
               **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [

@@ -242,14 +242,6 @@ class SliMEAdapter(FormatAdapter):
                           or any(k.startswith((PROJ + "projection.", SAMPLER)) for k in keys))
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             **options: Any) -> Member:
-        from transformers.initialization import no_init_weights
-
-        with no_init_weights():  # every parameter is then loaded strictly from the checkpoint
-            return cls._load(path, config, reader, dtype, **options)
-
-    @classmethod
     def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
               **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
