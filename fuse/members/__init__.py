@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,36 @@ def detect_format(config: dict, keys: list[str], path: Path | None = None) -> st
     raise FormatError(f"{where}ambiguous format ({', '.join(hits)}); pass format= explicitly")
 
 
-def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dtype | None = None,
+def stored_float_dtype(reader: LazyCheckpoint) -> torch.dtype | None:
+    """The most common floating dtype among a checkpoint's tensors (header facts only)."""
+    counts: dict[torch.dtype, int] = {}
+    for k in reader.keys():
+        dt = reader.dtype(k)
+        if dt.is_floating_point:
+            counts[dt] = counts.get(dt, 0) + 1
+    return max(counts, key=counts.get) if counts else None
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None):
+    """Temporarily make ``dtype`` torch's default floating dtype (no-op for None)."""
+    if dtype is None or not dtype.is_floating_point:
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dtype | str | None = None,
                 name: str | None = None, **options: Any) -> Member:
     """Read a member checkpoint (config.json + safetensors) into a :class:`Member`.
 
-    Only the vision branch is materialised; LLM tensors stay on disk until read.
+    Only the vision branch is materialised (in ``dtype``: None = float32, ``"source"`` = the
+    checkpoint's stored dtype, e.g. bf16 for real 8B members); LLM tensors stay on disk until read.
     """
     _load_plugins()
     path = resolve_path(source)
@@ -83,7 +109,10 @@ def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dt
     fmt = detect_format(config, reader.keys(), path) if format == "auto" else format
     if fmt not in FORMATS:
         raise FormatError(f"format {fmt!r} unknown; known: auto, {', '.join(sorted(FORMATS))}")
-    member = FORMATS[fmt].load(path, config, reader, dtype=dtype, **options)
+    if dtype == "source":
+        dtype = stored_float_dtype(reader)
+    with default_dtype(dtype):  # build modules directly in the target dtype: no float32 peak first
+        member = FORMATS[fmt].load(path, config, reader, dtype=dtype, **options)
     if name:
         member.name = name
     return member

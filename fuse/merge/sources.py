@@ -101,7 +101,10 @@ def vision_nbytes(member: Member) -> int:
     return sum(t.numel() * t.element_size() for t in member.vision.state_dict().values())
 
 
-def open_member(recipe: Recipe, index: int, keep_vision: bool = False, dtype: torch.dtype | None = None) -> MemberInput:
+def open_member(recipe: Recipe, index: int, keep_vision: bool = False,
+                dtype: torch.dtype | str | None = "source") -> MemberInput:
+    """Load member ``index``; its vision branch is built in the checkpoint's own dtype (it is only
+    copied to OUT, never run), so an 8B bf16 member never holds a float32 copy."""
     spec = recipe.members[index]
     name = recipe.member_names()[index]
     try:
