@@ -66,7 +66,8 @@ def _register_optional_commands() -> None:
     """Commands implemented in their own modules register themselves here if present."""
     import importlib
 
-    for mod in ("fuse.commands.merge", "fuse.commands.generate", "fuse.commands.eval"):
+    for mod in ("fuse.commands.merge", "fuse.commands.generate", "fuse.commands.eval",
+                "fuse.commands.toyfamily"):
         try:
             importlib.import_module(mod).register(main)
         except ModuleNotFoundError as e:

@@ -1,0 +1,129 @@
+"""The shipped toy family (fuse/assets/toy_family): assets, recipe, compare command, exact figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fuse.toyfamily import ASSETS, CHECK_LIMIT, COLUMNS, EVAL, MEMBERS, RECIPE, family_recipe, write_test_split
+
+REPO = Path(__file__).resolve().parents[2]
+FIGURES = json.loads((ASSETS / "figures.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def test_split(tmp_path_factory) -> Path:
+    return write_test_split(tmp_path_factory.mktemp("toy") / "test", FIGURES["seed"])
+
+
+def test_assets_small_and_loadable():
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 8 * 2**20
+    assert max(p.stat().st_size for p in files) < 5 * 2**20
+    from safetensors import safe_open
+
+    from fuse.members import load_member
+
+    for name in ("colour", "spatial", "comm"):
+        m = load_member(ASSETS / name)
+        assert m.format == "comm"
+        with safe_open(str(ASSETS / name / "model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    base = json.loads((ASSETS / "base" / "config.json").read_text())
+    assert base["model_type"] == "llama" and base["architectures"] == ["LlamaForCausalLM"]
+    # members are fine-tunes of the shipped base: same LLM shapes, finite distance
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(str(ASSETS / "base"), dtype=torch.float32)
+    m = load_member(ASSETS / "colour")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    a, b = llm.state_dict()[q], m.llm.get(q, torch.float32)
+    assert a.shape == b.shape and 0 < float((a - b).norm() / a.norm()) < 0.5
+
+
+def test_spatial_member_is_colour_blind_and_colour_member_is_not():
+    """Scenes that differ only in colour give the spatial branch (almost) the same tokens: the channel sums of
+    two colours differ only by brightness rounding (+-1 of 360); a shape change moves them a lot."""
+    import random
+    from dataclasses import replace
+
+    from fuse.members import load_member
+    from fuse.toyworld import random_scene, render
+
+    scene = replace(random_scene(random.Random(3)), shape="circle", colour="red")
+    imgs = [render(scene), render(replace(scene, colour="green")), render(replace(scene, shape="square"))]
+    spatial = load_member(ASSETS / "spatial", dtype=torch.float32)
+    colour = load_member(ASSETS / "colour", dtype=torch.float32)
+    conv = next(m for m in spatial.vision.modules() if isinstance(m, torch.nn.Conv2d))
+    w = conv.weight
+    assert torch.equal(w[:, 0], w[:, 1]) and torch.equal(w[:, 1], w[:, 2])  # tied across R, G, B
+
+    def rel(t, i, j):
+        return float((t[i] - t[j]).norm() / t[i].norm())
+
+    s = spatial.visual_tokens(imgs)
+    c = colour.visual_tokens(imgs)
+    assert rel(s, 0, 1) < 0.05 * rel(s, 0, 2)
+    assert rel(c, 0, 1) > 10 * rel(s, 0, 1)
+
+
+def test_recipe_matches_module_recipe():
+    from fuse.recipe import load_recipe
+
+    r = load_recipe(REPO / "recipes" / "toy_family.yaml")
+    ref = family_recipe()
+    assert Path(r.base_model) == ASSETS / "base"
+    assert [Path(m.model) for m in r.members] == [ASSETS / n for n in MEMBERS]
+    assert r.member_names() == list(MEMBERS) == ref.member_names()
+    assert r.weights() == ref.weights() == [m["weight"] for m in RECIPE["members"]]
+    assert r.merge.method == ref.merge.method == "task_arithmetic"
+    assert r.text.member == ref.text.member
+
+
+def test_compare_command_slice(tmp_path):
+    from click.testing import CliRunner
+
+    from fuse.cli import main
+
+    out = tmp_path / "cmp"
+    res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(out), "--limit", "4"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "compare.json").read_text())
+    assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", "fused:ties", "fused:linear",
+                                 "fused:task_arithmetic+pool:2", "comm"]
+    for label, row in doc["rows"].items():
+        assert set(COLUMNS) <= set(row)
+        assert row["n"] == 12 and label in res.output
+    cfg = json.loads((out / "fused-task_arithmetic_pool2" / "fuse_config.json").read_text())
+    assert cfg["inference"] == {"token_budget": "pool:2"}
+    assert [m["name"] for m in cfg["members"]] == list(MEMBERS)
+    ties = json.loads((out / "fused-ties" / "fuse_config.json").read_text())
+    assert ties["merge"]["method"] == "ties"
+
+
+def test_compare_rejects_unknown_method(tmp_path):
+    from click.testing import CliRunner
+
+    from fuse.cli import main
+
+    res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--methods", "bogus"])
+    assert res.exit_code == 2 and "bogus" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["colour", "spatial", "comm"])
+def test_shipped_figures_reproduce_exactly(name, test_split):
+    """figures.json was measured on the shipped (float16) weights right after training; greedy decoding
+    of the same questions must give the very same figures."""
+    from fuse.eval import EvalConfig, evaluate
+    from fuse.eval.loader import load_for_eval
+
+    check = FIGURES["check"]
+    assert check["limit"] == CHECK_LIMIT and check["config"] == EVAL
+    m = load_for_eval(ASSETS / name, dtype=torch.float32)
+    res = evaluate(m, "toy", test_split, EvalConfig(limit=CHECK_LIMIT, **EVAL), progress=False)
+    assert res["metrics"] == check["rows"][name]["metrics"]
+    assert res["breakdown"] == check["rows"][name]["breakdown"]
