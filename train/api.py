@@ -25,17 +25,9 @@ def make_config(config: TrainConfig | dict | str | os.PathLike | None = None,
             return config
         config = config.to_yaml_dict()
     if isinstance(config, dict):
-        from .config import parse_override, set_dotted
+        from .config import apply_overrides
 
-        data = dict(config)
-        if isinstance(overrides, dict):
-            for k, v in overrides.items():
-                set_dotted(data, k.split("."), v)
-        else:
-            for item in overrides or []:
-                keys, value = parse_override(item)
-                set_dotted(data, keys, value)
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(dict(config), overrides))
     return load_config(config, overrides)
 
 

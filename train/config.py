@@ -252,6 +252,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def apply_overrides(data: dict[str, Any], overrides: Any) -> dict[str, Any]:
+    """Apply ``{"a.b": v}`` or ``["a.b=v", ...]`` overrides to a config dict in place; returns it."""
+    if isinstance(overrides, dict):
+        for k, v in overrides.items():
+            set_dotted(data, k.split("."), v)
+    else:
+        for item in overrides or []:
+            keys, value = parse_override(item)
+            set_dotted(data, keys, value)
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 **fields: Any) -> TrainConfig:
     """Build a :class:`TrainConfig` from a YAML file, ``key=value`` overrides and keyword fields.
@@ -261,14 +273,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     """
     data: dict[str, Any] = read_yaml(path) if path else {}
     where = str(path) if path else "config"
-    data = copy.deepcopy(data)
-    if isinstance(overrides, dict):
-        for k, v in overrides.items():
-            set_dotted(data, k.split("."), v)
-    else:
-        for item in overrides or []:
-            keys, value = parse_override(item)
-            set_dotted(data, keys, value)
+    data = apply_overrides(copy.deepcopy(data), overrides)
     for k, v in fields.items():
         if v is not None:
             set_dotted(data, [("from" if k in ("from_dir", "from_") else k)], v)
