@@ -116,6 +116,12 @@ def main() -> None:
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml options, e.g. '--num-threads 1'")
     args = ap.parse_args()
     root = args.workdir / args.size
+    if not (root / "inputs.json").is_file():
+        # Build in a child process: a child forked from a parent that just held ~2 GB of inputs
+        # would report that parent's RSS as its own peak (ru_maxrss counts the pre-exec image).
+        code = f"import sys; sys.argv = ['x']; import runpy; m = runpy.run_path({__file__!r}); " \
+               f"m['build_inputs'](__import__('pathlib').Path({str(root)!r}), {args.size!r})"
+        subprocess.run([sys.executable, "-c", code], check=True)
     info = build_inputs(root, args.size)
     recipe, mk_cfg = write_configs(root, info)
     fuse_bin = [shutil.which("fuse") or "fuse"]
