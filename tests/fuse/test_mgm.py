@@ -17,6 +17,7 @@ from fuse.errors import FormatError
 from fuse.members import load_member, load_vision_branch
 from fuse.members.mgm_mining import PatchInfoMining
 from fuse.testing import random_image
+from fuse.testing.keys import categorize_keys
 from fuse.testing.mgm import TINY_CONVNEXT, TINY_MM_CLIP, build_mgm_member
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,17 +66,8 @@ def mgm_hd(ckpts):
     return load_member(ckpts["hd"])
 
 
-def categorize(keys, patterns):
-    hits = {name: [] for name in patterns}
-    for k in keys:
-        matched = [n for n, rx in patterns.items() if re.fullmatch(rx, k)]
-        assert len(matched) == 1, f"{k} matches {matched}"
-        hits[matched[0]].append(k)
-    return hits
-
-
 def test_tiny_checkpoint_has_every_real_key_category(ckpts):
-    hits = categorize(LazyCheckpoint(ckpts["mgm"]).keys(), MGM_KEY_PATTERNS)
+    hits = categorize_keys(LazyCheckpoint(ckpts["mgm"]).keys(), MGM_KEY_PATTERNS)
     assert all(hits.values()), [n for n, v in hits.items() if not v]
     stages = {int(re.search(r"vision_stages\.(\d)", k)[1]) for k in hits["aux.blocks"]}
     assert stages == {0, 1, 2, 3}
@@ -88,7 +80,7 @@ def test_real_mgm8b_key_list_has_the_same_categories():
     from fuse.testing.standins import mgm_shapes
 
     shapes = mgm_shapes()
-    hits = categorize(shapes, MGM_KEY_PATTERNS)
+    hits = categorize_keys(shapes, MGM_KEY_PATTERNS)
     assert all(hits.values())
     assert len(shapes) == 1038 and len(hits["llm.layers"]) == 32 * 9 and len(hits["aux.blocks"]) == 36 * 9
     assert sum(math.prod(s) for s in shapes.values()) * 2 == 17_115_878_272
@@ -98,7 +90,7 @@ def test_real_mgm8b_key_list_has_the_same_categories():
 def test_loads_and_claims_every_key_exactly_once(ckpts, mgm):
     keys = LazyCheckpoint(ckpts["mgm"]).keys()
     assert set(mgm.key_usage) == set(keys)
-    hits = categorize(keys, MGM_KEY_PATTERNS)
+    hits = categorize_keys(keys, MGM_KEY_PATTERNS)
     part_of = {"llm": "llm", "clip": "encoder", "aux": "aux_encoder", "mining": "mining", "projector": "projector"}
     for cat, ks in hits.items():
         for k in ks:

@@ -19,6 +19,7 @@ from fuse.members import detect_format, load_member, load_vision_branch
 from fuse.members.anyres import anyres_views, resize_and_pad, select_grid
 from fuse.members.slime_modules import cumulative_mass_cut, text_relevance
 from fuse.testing import random_image
+from fuse.testing.keys import categorize_keys
 from fuse.testing.mgm import TINY_MM_CLIP
 from fuse.testing.slime import build_slime_member
 
@@ -60,17 +61,8 @@ def slime(ckpts):
     return load_member(ckpts["slime"])
 
 
-def categorize(keys, patterns):
-    hits = {name: [] for name in patterns}
-    for k in keys:
-        matched = [n for n, rx in patterns.items() if re.fullmatch(rx, k)]
-        assert len(matched) == 1, f"{k} matches {matched}"
-        hits[matched[0]].append(k)
-    return hits
-
-
 def test_tiny_checkpoint_has_every_real_key_category(ckpts):
-    hits = categorize(LazyCheckpoint(ckpts["slime"]).keys(), SLIME_KEY_PATTERNS)
+    hits = categorize_keys(LazyCheckpoint(ckpts["slime"]).keys(), SLIME_KEY_PATTERNS)
     assert all(hits.values()), [n for n, v in hits.items() if not v]
     assert len(hits["resampler"]) == len(hits["sampler"]) == 12
 
@@ -80,7 +72,7 @@ def test_real_slime8b_key_list_has_the_same_categories():
     from fuse.testing.standins import slime_shapes
 
     shapes = slime_shapes()
-    hits = categorize(shapes, SLIME_KEY_PATTERNS)
+    hits = categorize_keys(shapes, SLIME_KEY_PATTERNS)
     assert all(hits.values())
     assert len(shapes) == 714
     assert shapes["model.embed_tokens.weight"] == (128257, 4096)
@@ -92,7 +84,7 @@ def test_real_slime8b_key_list_has_the_same_categories():
 def test_loads_and_claims_every_key_exactly_once(ckpts, slime):
     keys = LazyCheckpoint(ckpts["slime"]).keys()
     assert set(slime.key_usage) == set(keys)
-    for cat, ks in categorize(keys, SLIME_KEY_PATTERNS).items():
+    for cat, ks in categorize_keys(keys, SLIME_KEY_PATTERNS).items():
         for k in ks:
             assert slime.key_usage[k] == PART_OF[cat.split(".")[0]], k
     assert slime.format == "slime" and slime.llm.vocab_rows == 257  # vocab rows come from the shape
