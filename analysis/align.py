@@ -33,7 +33,7 @@ from torch import nn
 
 from . import metrics as M
 from .features import BranchTokens, ExtractStats, ImageSelection, iter_features, resolve_device
-from .report import Report, heatmap, plt
+from .report import Report, intake_bullets, heatmap, plt
 from .sources import Sources
 
 CONTROL_SUFFIX = "~randproj"
@@ -315,11 +315,7 @@ def build_report(result: AlignResult, sources: Sources, selection: ImageSelectio
     ex = result.extract
     rep.para(f"Source: {sources.kind} `{sources.path}`; text reference: embedding table of `{sources.embed_from}`.")
     rep.heading("Images")
-    items = [ex.summary() + "."]
-    if selection.note:
-        items.append(selection.note + ".")
-    items += [f"skipped `{p}`: {r}" for p, r in ex.skipped]
-    rep.bullets(items)
+    rep.bullets(intake_bullets(ex.summary(), selection.note, ex.skipped))
     rep.heading("Entities")
     rows = []
     for e in result.entities:

@@ -37,7 +37,7 @@ from fuse.errors import DataError
 
 from . import metrics as M
 from .features import ExtractStats, Extractor, extract
-from .report import Report, plt
+from .report import Report, intake_bullets, plt
 
 CANVAS = 48  # canvas cells along the image's long side
 
@@ -356,10 +356,7 @@ def build_report(res: AttentionResult, source: str, note: str | None = None, com
              f"{_layers_str(res.layers)}. Maps are compared on a common canvas over the image: Jensen-Shannon "
              f"divergence (nats, 0 = same map, ln 2 = {np.log(2):.3f} = disjoint) and IoU of the top {res.topk:g}% cells.")
     rep.heading("Samples")
-    items = [st.summary().replace("images", "samples", 1) + "."]
-    if note:
-        items.append(note + ".")
-    items += [f"skipped `{a}`: {b}" for a, b in st.skipped]
+    items = intake_bullets(st.summary().replace("images", "samples", 1), note, st.skipped)
     items += [f"{m}: {r}; left out of the maps" for m, r in res.unmapped.items()]
     rep.bullets(items)
     rep.heading("Overall")

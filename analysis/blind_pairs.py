@@ -38,7 +38,7 @@ from fuse.errors import CheckpointError, DataError
 
 from .features import (ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, resolve_device,
                        tensor_digest)
-from .report import Report, plt
+from .report import Report, intake_bullets, plt
 
 
 # ---------------------------------------------------------------------------
@@ -315,11 +315,7 @@ def build_report(res: BlindResult, sel: ImageSelection, clip_min: float, dino_ma
     rep.para(f"A pair is CLIP-blind when CLIP cosine > {clip_min} and DINO cosine < {dino_max} (MMVP).")
     rep.bullets([f"CLIP side: {res.clip_what}.", f"DINO side: {res.dino_what}."])
     rep.heading("Images")
-    items = [st.summary() + "."]
-    if sel.note:
-        items.append(sel.note + ".")
-    items += [f"skipped `{a}`: {b}" for a, b in st.skipped]
-    rep.bullets(items)
+    rep.bullets(intake_bullets(st.summary(), sel.note, st.skipped))
     n = len(res.paths)
     rep.heading("Pairs")
     msg = f"{p.found} CLIP-blind pair(s) among {n * (n - 1) // 2} pairs of {n} images."

@@ -30,7 +30,7 @@ from fuse.errors import DataError, FormatError
 
 from . import metrics as M
 from .features import EncoderFeatures, ExtractStats, ImageSelection, iter_features
-from .report import Report, heatmap, plt
+from .report import Report, intake_bullets, heatmap, plt
 
 VIT_KINDS = ("clip", "siglip", "dinov2")
 
@@ -120,13 +120,9 @@ def build_report(res: LayersResult, sel: ImageSelection, source: str, command: s
     rep.para(f"Encoder `{source}` ({res.kind}, {len(res.labels) - 1} blocks). Linear CKA between the hidden "
              "states of every pair of layers (0 = embeddings).")
     rep.heading("Samples")
-    items = [st.summary() + "."]
-    if sel.note:
-        items.append(sel.note + ".")
-    items.append(f"{res.samples} samples per layer: " + (
-        f"{res.per_image} fixed patch positions per image" if res.pool == "tokens" else "one mean-pooled vector per image"))
-    items += [f"skipped `{a}`: {b}" for a, b in st.skipped]
-    rep.bullets(items)
+    per_layer = f"{res.samples} samples per layer: " + (
+        f"{res.per_image} fixed patch positions per image" if res.pool == "tokens" else "one mean-pooled vector per image")
+    rep.bullets(intake_bullets(st.summary(), sel.note, st.skipped, extra=[per_layer]))
     last = res.cka[-1]
     rep.heading("CKA to the last layer")
     rep.table(["layer"] + res.labels, [["CKA to last"] + list(last)], digits=3)

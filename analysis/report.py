@@ -69,6 +69,18 @@ def fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
+def intake_bullets(summary: str, note: str | None, skipped: Sequence[tuple[Any, Any]],
+                   extra: Sequence[str] = ()) -> list[str]:
+    """The "which images went in" bullet list every report starts with: the extraction summary,
+    the sampling note, any ``extra`` lines, then one line per skipped (unreadable) image."""
+    items = [summary + "."]
+    if note:
+        items.append(note + ".")
+    items += list(extra)
+    items += [f"skipped `{a}`: {b}" for a, b in skipped]
+    return items
+
+
 @dataclass
 class Report:
     """Accumulates blocks and numbers; :meth:`write` puts them on disk."""
