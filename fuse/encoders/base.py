@@ -18,18 +18,36 @@ a member's vision branch can be saved and rebuilt without the source checkpoint.
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import CheckpointError
 from ..images import mean_color, pad_to_square, to_rgb
 
 Select = str  # "patch" | "full"
+
+
+class LazyClass:
+    """A class attribute naming a transformers class, imported on first access.
+
+    ``model_cls = LazyClass("transformers", "CLIPVisionModel")`` keeps ``import fuse``
+    (and the merge path, which never builds an encoder) free of transformers' modeling
+    imports, which cost seconds of start-up.
+    """
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> type:
+        return getattr(importlib.import_module(self.module), self.name)
 
 
 class Encoder(nn.Module):

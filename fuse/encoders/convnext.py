@@ -27,15 +27,16 @@ are accepted as aliases of ``stem.`` / ``stages.``.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
-from transformers import ConvNextConfig, ConvNextModel
-from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 from ..errors import FormatError
-from .base import Encoder
+from .base import Encoder, LazyClass
 from .vit import CLIP_MEAN, CLIP_STD
+
+if TYPE_CHECKING:
+    from transformers import ConvNextConfig
 
 _BLOCK = {"conv_dw": "dwconv", "norm": "layernorm", "mlp.fc1": "pwconv1", "mlp.fc2": "pwconv2"}
 _BLOCK_INV = {v: k for k, v in _BLOCK.items()}
@@ -103,6 +104,8 @@ def config_from_timm_shapes(shapes: Mapping[str, Sequence[int]], **kw) -> ConvNe
         depths.append(1 + max(int(k.split(".")[4]) for k in hf if k and k.startswith(f"encoder.stages.{s}.layers.")))
         dims.append(hf[f"encoder.stages.{s}.layers.0.dwconv.weight"][0])
         s += 1
+    from transformers import ConvNextConfig
+
     return ConvNextConfig(num_channels=stem[1], patch_size=stem[2], num_stages=len(depths), depths=depths, hidden_sizes=dims,
                           layer_norm_eps=1e-6, hidden_act="gelu", **kw)
 
@@ -116,9 +119,9 @@ class ConvNextEncoder(Encoder):
     """
 
     kind = "convnext"
-    model_cls = ConvNextModel
-    config_cls = ConvNextConfig
-    processor_cls = ConvNextImageProcessorPil
+    model_cls = LazyClass("transformers", "ConvNextModel")
+    config_cls = LazyClass("transformers", "ConvNextConfig")
+    processor_cls = LazyClass("transformers.models.convnext.image_processing_pil_convnext", "ConvNextImageProcessorPil")
     num_prefix_tokens = 0
     # open_clip convnext: CLIP mean/std, plain resize to the square size (crop_pct only < 384).
     default_processor = {"size": lambda s: {"shortest_edge": s}, "crop_pct": 1.0,

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import (
-    CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel,
-)
-from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
-
-from .base import Encoder
+from .base import Encoder, LazyClass
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -21,9 +14,9 @@ class ClipEncoder(Encoder):
     """``CLIPVisionModel`` (e.g. openai/clip-vit-large-patch14-336): 1 CLS + grid tokens."""
 
     kind = "clip"
-    model_cls = CLIPVisionModel
-    config_cls = CLIPVisionConfig
-    processor_cls = CLIPImageProcessorPil
+    model_cls = LazyClass("transformers", "CLIPVisionModel")
+    config_cls = LazyClass("transformers", "CLIPVisionConfig")
+    processor_cls = LazyClass("transformers.models.clip.image_processing_pil_clip", "CLIPImageProcessorPil")
     num_prefix_tokens = 1
     default_processor = {
         "size": lambda s: {"shortest_edge": s}, "crop_size": lambda s: {"height": s, "width": s},
@@ -35,9 +28,9 @@ class SiglipEncoder(Encoder):
     """``SiglipVisionModel`` (e.g. google/siglip-so400m-patch14-384): grid tokens only, no CLS."""
 
     kind = "siglip"
-    model_cls = SiglipVisionModel
-    config_cls = SiglipVisionConfig
-    processor_cls = SiglipImageProcessorPil
+    model_cls = LazyClass("transformers", "SiglipVisionModel")
+    config_cls = LazyClass("transformers", "SiglipVisionConfig")
+    processor_cls = LazyClass("transformers.models.siglip.image_processing_pil_siglip", "SiglipImageProcessorPil")
     num_prefix_tokens = 0
     default_processor = {"size": lambda s: {"height": s, "width": s}}
 
@@ -50,9 +43,9 @@ class Dinov2Encoder(Encoder):
     """
 
     kind = "dinov2"
-    model_cls = Dinov2Model
-    config_cls = Dinov2Config
-    processor_cls = BitImageProcessorPil
+    model_cls = LazyClass("transformers", "Dinov2Model")
+    config_cls = LazyClass("transformers", "Dinov2Config")
+    processor_cls = LazyClass("transformers.models.bit.image_processing_pil_bit", "BitImageProcessorPil")
     num_prefix_tokens = 1
     default_processor = {
         "size": lambda s: {"shortest_edge": s}, "crop_size": lambda s: {"height": s, "width": s},

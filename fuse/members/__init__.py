@@ -94,11 +94,13 @@ def default_dtype(dtype: torch.dtype | None):
 
 
 def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dtype | str | None = None,
-                name: str | None = None, **options: Any) -> Member:
+                name: str | None = None, vision: bool = True, **options: Any) -> Member:
     """Read a member checkpoint (config.json + safetensors) into a :class:`Member`.
 
     Only the vision branch is materialised (in ``dtype``: None = float32, ``"source"`` = the
     checkpoint's stored dtype, e.g. bf16 for real 8B members); LLM tensors stay on disk until read.
+    ``vision=False`` skips even that (``member.vision`` is None): headers, configs and the
+    text side only, which is all a merge needs to plan and check the LLM part.
     """
     _load_plugins()
     path = resolve_path(source)
@@ -112,7 +114,7 @@ def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dt
     if dtype == "source":
         dtype = stored_float_dtype(reader)
     with default_dtype(dtype):  # build modules directly in the target dtype: no float32 peak first
-        member = FORMATS[fmt].load(path, config, reader, dtype=dtype, **options)
+        member = FORMATS[fmt].load(path, config, reader, dtype=dtype, vision=vision, **options)
     if name:
         member.name = name
     return member

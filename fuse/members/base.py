@@ -29,6 +29,7 @@ from .text import TextSide
 
 VISION_CONFIG = "vision_config.json"
 VISION_WEIGHTS = "vision.safetensors"
+CHECKPOINT_LAYOUT = "checkpoint"  # vision_config.json "layout" of a byte copy made by fuse merge
 
 # LlamaConfig fields that define the LLM (everything else in an MLLM config is dropped).
 LLM_CONFIG_FIELDS = (
@@ -44,16 +45,42 @@ FAMILY_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings")
 
 
-def llm_config_from(cfg: dict) -> dict:
-    """A LlamaForCausalLM config dict from an MLLM config (drops mm_*/vision fields)."""
-    from transformers import LlamaConfig
+# LlamaConfig's defaults for the fields above (transformers' own values; see tests/fuse/test_llm_config.py).
+LLAMA_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
+    "rms_norm_eps": 1e-6, "use_cache": True, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+    "pretraining_tp": 1, "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+    "mlp_bias": False,
+}
 
+
+def llm_config_from(cfg: dict) -> dict:
+    """A ``LlamaForCausalLM`` config dict from an MLLM config (drops mm_*/vision fields).
+
+    Filled with LlamaConfig's defaults and rope folded into ``rope_parameters`` the way
+    transformers 5 does, but from plain dicts: opening a member for a merge must not pay
+    for importing transformers' modeling code.
+    """
     kept = {k: v for k, v in cfg.items() if k in LLM_CONFIG_FIELDS}
-    conf = LlamaConfig(**kept)
-    d = conf.to_dict()
+    d = {**LLAMA_DEFAULTS, **kept}
+    if d.get("num_key_value_heads") is None:
+        d["num_key_value_heads"] = d["num_attention_heads"]
+    if d.get("head_dim") is None:
+        d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+    theta = d.pop("rope_theta", None)
+    scaling = d.pop("rope_scaling", None)
+    rope = dict(d.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(scaling or {})
+        if "type" in rope and "rope_type" not in rope:
+            rope["rope_type"] = rope.pop("type")
+        rope.setdefault("rope_type", "default")
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = float(theta) if theta is not None else 10000.0
+    d["rope_parameters"] = rope
     d["architectures"] = ["LlamaForCausalLM"]
     d["model_type"] = "llama"
-    d.pop("transformers_version", None)
     return d
 
 
@@ -174,7 +201,7 @@ class Member:
     format: str
     path: Path
     llm: LLMPart
-    vision: VisionBranch
+    vision: VisionBranch | None  # None when loaded with vision=False
     text: TextSide
     key_usage: dict[str, str] = field(default_factory=dict)  # checkpoint key -> part name
     config: dict = field(default_factory=dict)  # the checkpoint's config.json
@@ -227,11 +254,15 @@ def save_vision_branch(branch: VisionBranch, directory: str | os.PathLike, text:
 
 
 def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[VisionBranch, dict]:
-    """Rebuild a branch written by :func:`save_vision_branch`; returns (branch, its config json)."""
+    """Rebuild a branch written by :func:`save_vision_branch` (``layout: module``, the branch's
+    own state dict) or copied by ``fuse merge`` (``layout: checkpoint``: the member's own
+    non-LLM tensors and config files, rebuilt by its format adapter); returns (branch, config json)."""
     d = Path(directory)
     cfg = read_json(d / VISION_CONFIG, "vision branch config")
     if not (d / VISION_WEIGHTS).is_file():
         raise CheckpointError(f"{d / VISION_WEIGHTS}: missing vision branch weights")
+    if cfg.get("layout") == CHECKPOINT_LAYOUT:
+        return _load_copied_branch(d, cfg, dtype), cfg
     branch = branch_class(cfg["kind"]).from_spec(cfg["spec"])
     LazyCheckpoint(d / VISION_WEIGHTS)  # validates header / truncation with a clear error
     sd = load_file(str(d / VISION_WEIGHTS))
@@ -244,26 +275,57 @@ def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None =
     return branch.eval(), cfg
 
 
+def _load_copied_branch(d: Path, cfg: dict, dtype: torch.dtype | None) -> VisionBranch:
+    from . import load_member
+
+    fmt = cfg.get("format")
+    if fmt not in FORMATS:
+        raise CheckpointError(f"{d / VISION_CONFIG}: format {fmt!r} unknown (known: {', '.join(sorted(FORMATS))})")
+    member = load_member(d, format=fmt, dtype=dtype, **(cfg.get("options") or {}))
+    if member.vision is None:
+        raise CheckpointError(f"{d}: the {fmt} adapter built no vision branch")
+    return member.vision.eval()
+
+
 class FormatAdapter:
-    """Reads one on-disk checkpoint format into a :class:`Member`. Registered by name."""
+    """Reads one on-disk checkpoint format into a :class:`Member`. Registered by name.
+
+    ``branch_kind``: the :class:`VisionBranch` kind the adapter builds. ``vision_files``:
+    small files besides ``config.json`` that building the branch reads (copied with it).
+    """
 
     name: ClassVar[str] = ""
+    branch_kind: ClassVar[str] = ""
+    vision_files: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def copyable_vision(cls, member: "Member") -> bool:
+        """True when the branch can be rebuilt from the checkpoint's own non-LLM tensors plus
+        ``config.json`` and ``vision_files`` alone (no external tower, nothing borrowed from
+        the LLM): ``fuse merge`` then copies those bytes instead of building the branch."""
+        return False
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
         raise NotImplementedError
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, **options: Any) -> Member:
+    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, vision: bool = True, **options: Any) -> Member:
         """Default: run :meth:`_load` without random weight init (every parameter is then
-        loaded strictly from the checkpoint, so initialising it first is wasted work)."""
+        loaded strictly from the checkpoint, so initialising it first is wasted work).
+
+        ``vision=False``: LLM part, text side and key usage only (``member.vision`` is None):
+        no module is built, so a merge never imports transformers' modeling code.
+        """
+        if not vision:
+            return cls._load(path, config, reader, vision=False, **options)
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
             return cls._load(path, config, reader, **options)
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, **options: Any) -> Member:
+    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, vision: bool = True, **options: Any) -> Member:
         raise NotImplementedError
 
 

@@ -190,6 +190,7 @@ class CommAdapter(FormatAdapter):
     """Reads the layout written by :func:`save_comm_member` (see the module docstring)."""
 
     name = "comm"
+    branch_kind = "comm"
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
@@ -197,16 +198,20 @@ class CommAdapter(FormatAdapter):
 
     @classmethod
     def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             **options: Any) -> Member:
+             vision: bool = True, **options: Any) -> Member:
         where = path / "config.json"
         text_cfg = config.get("text_config") or {}
         mt = text_cfg.get("model_type", "llama")
         if mt not in LLM_MODEL_TYPES:
             raise FormatError(f"{where}: text_config.model_type {mt!r}: a fuse member needs a LLaMA-architecture "
                               f"LLM ({', '.join(LLM_MODEL_TYPES)})")
-        branch, usage, parts = load_comm_branch(path, config, reader)
-        if dtype is not None:
-            branch.to(dtype)
+        if vision:
+            branch, usage, parts = load_comm_branch(path, config, reader)
+            if dtype is not None:
+                branch.to(dtype)
+        else:
+            branch = None
+            usage, parts = claim_keys(reader.keys(), [("vision", r"^vision\."), ("llm", r"^(model\.|lm_head\.)")])
         llm_conf = llm_config_from(text_cfg)
         llm = LLMPart(config=llm_conf, keys={k: k for k in parts.get("llm", [])}, reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:
@@ -215,7 +220,7 @@ class CommAdapter(FormatAdapter):
                         prompt_style=options.get("prompt_style", config.get("prompt_style", "chat_template")),
                         placeholder=config.get("placeholder", "<image>"),
                         eos_token_ids=eos_ids(path, config, text_cfg))
-        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,
+        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
 
 

@@ -45,6 +45,12 @@ def load_clip_tower(reader: LazyCheckpoint, config: dict, tower_keys: list[str],
 @register_format
 class LlavaAdapter(FormatAdapter):
     name = "llava"
+    branch_kind = "llava"
+    vision_files = ()
+
+    @classmethod
+    def copyable_vision(cls, member: Member) -> bool:
+        return "encoder" in member.key_usage.values()
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
@@ -55,26 +61,32 @@ class LlavaAdapter(FormatAdapter):
 
     @classmethod
     def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             **options: Any) -> Member:
+             vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."), ("projector", r"^model\.mm_projector\."),
             *[(p, rx) for rx, p in LLM_RULES],
         ])
-        encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise FormatError(f"{path / 'config.json'}: mm_vision_select_feature {select!r} (expected patch or cls_patch)")
         llm_conf = llm_config_from(config)
         proj_type = config.get("mm_projector_type", "linear")
-        branch = LlavaBranch(encoder, config.get("mm_vision_select_layer", -2),
-                             "patch" if select == "patch" else "full", proj_type, llm_conf["hidden_size"])
         if not parts.get("projector"):
             raise FormatError(f"{path}: no model.mm_projector.* weights (is this a base LLM, not a LLaVA model?)")
-        load_projector(branch.projector, {k[len("model.mm_projector."):]: reader.get(k) for k in parts["projector"]}, path)
-        if dtype is not None:
-            branch.to(dtype)
+        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
+            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        branch = None
+        if vision:
+            encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
+            branch = LlavaBranch(encoder, config.get("mm_vision_select_layer", -2),
+                                 "patch" if select == "patch" else "full", proj_type, llm_conf["hidden_size"])
+            load_projector(branch.projector, {k[len("model.mm_projector."):]: reader.get(k) for k in parts["projector"]},
+                           path)
+            if dtype is not None:
+                branch.to(dtype)
+            branch.eval()
         text = TextSide(tokenizer_path=tokenizer_dir(path), prompt_style=options.get("prompt_style", "vicuna_v1"),
                         eos_token_ids=eos_ids(path, config))
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
-        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,
+        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)

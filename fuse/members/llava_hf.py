@@ -21,7 +21,7 @@ from ..errors import FormatError
 from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from, register_format
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava_branch import LlavaBranch
-from .text import TextSide
+from .text import TextSide, has_chat_template
 
 LLM_RENAME = [
     (r"^language_model\.model\.", "model."),
@@ -41,6 +41,12 @@ def _proj_key(k: str) -> str:
 @register_format
 class LlavaHFAdapter(FormatAdapter):
     name = "llava-hf"
+    branch_kind = "llava"
+    vision_files = ("preprocessor_config.json",)
+
+    @classmethod
+    def copyable_vision(cls, member: Member) -> bool:
+        return True
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
@@ -48,7 +54,7 @@ class LlavaHFAdapter(FormatAdapter):
 
     @classmethod
     def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             **options: Any) -> Member:
+             vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", VISION_RX), ("projector", PROJ_RX),
             ("llm", r"^(language_model\.|model\.language_model\.|lm_head\.)"),
@@ -58,36 +64,34 @@ class LlavaHFAdapter(FormatAdapter):
         if mt not in MODEL_TYPES:
             raise FormatError(f"{path / 'config.json'}: vision_config.model_type {mt!r} is not supported "
                               f"(known: {', '.join(sorted(MODEL_TYPES))})")
-        enc_cls = encoder_class(MODEL_TYPES[mt])
-        proc = None
-        if (path / "preprocessor_config.json").is_file():
-            proc = {k: v for k, v in enc_cls.processor_cls.from_pretrained(str(path)).to_dict().items()
-                    if k not in ("image_processor_type", "processor_class")}
-        encoder = enc_cls.from_config(vis_cfg, processor=proc)
         layer = config.get("vision_feature_layer", -2)
         select = "patch" if config.get("vision_feature_select_strategy", "default") == "default" else "full"
         llm_keys = llama_llm_keys(parts.get("llm", []), LLM_RENAME)
         llm_conf = llm_config_from(text_cfg)
-        hidden = llm_conf["hidden_size"]
         act = config.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise FormatError(f"{path / 'config.json'}: projector_hidden_act {act!r} not supported (gelu only)")
-        branch = LlavaBranch(encoder, layer, select, "mlp2x_gelu", hidden,
-                             projector_bias=config.get("multimodal_projector_bias", True))
-        encoder.load_weights({re.sub(VISION_RX, "", k): reader.get(k) for k in parts.get("encoder", [])}, str(path))
-        load_projector(branch.projector, {_proj_key(k): reader.get(k) for k in parts.get("projector", [])}, path)
-        if dtype is not None:
-            branch.to(dtype)
+        branch = None
+        if vision:
+            enc_cls = encoder_class(MODEL_TYPES[mt])
+            proc = None
+            if (path / "preprocessor_config.json").is_file():
+                proc = {k: v for k, v in enc_cls.processor_cls.from_pretrained(str(path)).to_dict().items()
+                        if k not in ("image_processor_type", "processor_class")}
+            encoder = enc_cls.from_config(vis_cfg, processor=proc)
+            branch = LlavaBranch(encoder, layer, select, "mlp2x_gelu", llm_conf["hidden_size"],
+                                 projector_bias=config.get("multimodal_projector_bias", True))
+            encoder.load_weights({re.sub(VISION_RX, "", k): reader.get(k) for k in parts.get("encoder", [])}, str(path))
+            load_projector(branch.projector, {_proj_key(k): reader.get(k) for k in parts.get("projector", [])}, path)
+            if dtype is not None:
+                branch.to(dtype)
+            branch.eval()
         tok = tokenizer_dir(path)
-        style = "chat_template"
-        if tok is not None:
-            from .text import load_tokenizer
-            if not getattr(load_tokenizer(tok), "chat_template", None):
-                style = "vicuna_v1"
+        style = "chat_template" if tok is None or has_chat_template(tok) else "vicuna_v1"
         text = TextSide(tokenizer_path=tok, prompt_style=options.get("prompt_style", style),
                         eos_token_ids=eos_ids(path, text_cfg, config))
         llm = LLMPart(config=llm_conf, keys=llm_keys, reader=reader)
-        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,
+        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
 
 

@@ -50,7 +50,7 @@ from .llava import LLM_RENAME, LLM_RULES, load_clip_tower
 from .llava_hf import load_projector
 from .mgm_mining import PatchInfoMining, concat_stage_maps
 from .projectors import build_projector
-from .text import TextSide, load_tokenizer
+from .text import TextSide, tokenizer_vocab
 
 AUX = "model.vision_tower_aux."
 MINING = "model.vlm_uni_"
@@ -190,6 +190,12 @@ def _aux_size_ok(image_size_aux: int, stem_patch: int, grid: int, image_grid: in
 @register_format
 class MGMAdapter(FormatAdapter):
     name = "mgm"
+    branch_kind = "mgm"
+    vision_files = ()
+
+    @classmethod
+    def copyable_vision(cls, member: Member) -> bool:
+        return "encoder" in member.key_usage.values()
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
@@ -198,7 +204,7 @@ class MGMAdapter(FormatAdapter):
 
     @classmethod
     def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              **options: Any) -> Member:
+              vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("aux_encoder", r"^model\.vision_tower_aux\."),
@@ -215,43 +221,48 @@ class MGMAdapter(FormatAdapter):
         if not parts.get("projector"):
             raise FormatError(f"{path}: MGM checkpoint has no {PROJ}* weights")
 
-        encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
-        encoder.pad_square = True
-        aux_encoder = _load_aux_tower(reader, parts["aux_encoder"], config, path)
-
-        try:
-            query_dim = reader.shape(MINING + "query_projector.1.weight")[0]
-            aux_dim = reader.shape(MINING + "aux_projector.0.weight")[0]
-        except Exception:
-            raise FormatError(f"{path}: incomplete patch-info-mining weights ({MINING}*_projector.{{0,1}})") from None
-        if query_dim != encoder.hidden_size:
-            raise FormatError(f"{path}: mining query width {query_dim} != CLIP width {encoder.hidden_size}")
-        stage_sum = sum(aux_encoder.config.hidden_sizes)
-        if aux_dim != stage_sum:
-            raise FormatError(f"{path}: mining aux width {aux_dim} != sum of ConvNeXt stage widths {stage_sum}")
-        mining = PatchInfoMining(query_dim, aux_dim)
-        _strict_load(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path, "patch-info-mining")
-
-        image_grid = int(config.get("image_grid", 1) or 1)
-        image_global = bool(config.get("image_global", False))
-        size_aux = int(config.get("image_size_aux", aux_encoder.config.image_size))
-        grid = encoder.grid[0]
-        if not _aux_size_ok(size_aux, aux_encoder.config.patch_size, grid, image_grid):
-            raise FormatError(f"{cfg_file}: image_size_aux {size_aux} must give a stage-0 map divisible into "
-                              f"{grid * image_grid}x{grid * image_grid} windows")
-        select = config.get("mm_vision_select_feature", "patch")
-        if select != "patch":
-            raise FormatError(f"{cfg_file}: mm_vision_select_feature {select!r} not supported by MGM (expected patch)")
         llm_conf = llm_config_from(config)
-        branch = MGMBranch(encoder, aux_encoder, mining, config.get("mm_projector_type", "mlp2x_gelu"),
-                           llm_conf["hidden_size"], int(config.get("mm_vision_select_layer", -2)), size_aux,
-                           image_grid, image_global)
-        load_projector(branch.projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"]}, path)
-        if dtype is not None:
-            branch.to(dtype)
+        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
+            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        branch = None
+        if vision:
+            encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
+            encoder.pad_square = True
+            aux_encoder = _load_aux_tower(reader, parts["aux_encoder"], config, path)
+
+            try:
+                query_dim = reader.shape(MINING + "query_projector.1.weight")[0]
+                aux_dim = reader.shape(MINING + "aux_projector.0.weight")[0]
+            except Exception:
+                raise FormatError(f"{path}: incomplete patch-info-mining weights ({MINING}*_projector.{{0,1}})") from None
+            if query_dim != encoder.hidden_size:
+                raise FormatError(f"{path}: mining query width {query_dim} != CLIP width {encoder.hidden_size}")
+            stage_sum = sum(aux_encoder.config.hidden_sizes)
+            if aux_dim != stage_sum:
+                raise FormatError(f"{path}: mining aux width {aux_dim} != sum of ConvNeXt stage widths {stage_sum}")
+            mining = PatchInfoMining(query_dim, aux_dim)
+            _strict_load(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path, "patch-info-mining")
+
+            image_grid = int(config.get("image_grid", 1) or 1)
+            image_global = bool(config.get("image_global", False))
+            size_aux = int(config.get("image_size_aux", aux_encoder.config.image_size))
+            grid = encoder.grid[0]
+            if not _aux_size_ok(size_aux, aux_encoder.config.patch_size, grid, image_grid):
+                raise FormatError(f"{cfg_file}: image_size_aux {size_aux} must give a stage-0 map divisible into "
+                                  f"{grid * image_grid}x{grid * image_grid} windows")
+            select = config.get("mm_vision_select_feature", "patch")
+            if select != "patch":
+                raise FormatError(f"{cfg_file}: mm_vision_select_feature {select!r} not supported by MGM (expected patch)")
+            branch = MGMBranch(encoder, aux_encoder, mining, config.get("mm_projector_type", "mlp2x_gelu"),
+                               llm_conf["hidden_size"], int(config.get("mm_vision_select_layer", -2)), size_aux,
+                               image_grid, image_global)
+            load_projector(branch.projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"]}, path)
+            if dtype is not None:
+                branch.to(dtype)
+            branch.eval()
         text = mgm_text_side(path, config, options)
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
-        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,
+        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
 
 
@@ -286,7 +297,7 @@ def llama3_eot_ids(tok_path: str | None) -> list[int]:
     if tok_path is None:
         return []
     try:
-        vocab = load_tokenizer(tok_path).get_vocab()
+        vocab = tokenizer_vocab(tok_path)
     except Exception:
         return []
     i = vocab.get("<|eot_id|>")

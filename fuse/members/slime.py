@@ -233,6 +233,7 @@ def _strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
 @register_format
 class SliMEAdapter(FormatAdapter):
     name = "slime"
+    branch_kind = "slime"
 
     @classmethod
     def detect(cls, config: dict, keys: list[str]) -> bool:
@@ -243,7 +244,7 @@ class SliMEAdapter(FormatAdapter):
 
     @classmethod
     def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              **options: Any) -> Member:
+              vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("resampler", r"^model\.mm_projector\.attn\."),
@@ -257,53 +258,58 @@ class SliMEAdapter(FormatAdapter):
                            ("sampler", f"{SAMPLER}post_qformer.*")):
             if not parts.get(part):
                 raise FormatError(f"{path}: SliME checkpoint has no {what} weights")
-        encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
-        encoder.pad_square = False
-        try:
-            llm_hidden, mm_hidden = reader.shape(PROJ + "projection.0.weight")
-            global_q = reader.shape(PROJ + "attn.query")[0]
-            local_q = reader.shape(SAMPLER + "post_qformer.query")[0]
-        except CheckpointError:
-            raise FormatError(f"{path}: incomplete SliME projector/sampler weights") from None
-        if mm_hidden != encoder.hidden_size:
-            raise FormatError(f"{path}: projector input width {mm_hidden} != CLIP width {encoder.hidden_size}")
-        if mm_hidden % 128:
-            raise FormatError(f"{path}: SliME resamplers use width/128 heads; width {mm_hidden} is not a multiple of 128")
-        n_tokens = encoder.grid[0] * encoder.grid[1]
-        if global_q != n_tokens or math.isqrt(global_q) ** 2 != global_q:
-            raise FormatError(f"{path}: gated projector has {global_q} queries but CLIP gives {n_tokens} tokens")
-        dim = int(config.get("mm_resampler_dim", local_q))
-        if dim != local_q:
-            raise FormatError(f"{cfg_file}: mm_resampler_dim {dim} != post_qformer queries {local_q} in the weights")
-        heads = mm_hidden // 128
-        projector = GatedProjector(mm_hidden, llm_hidden, math.isqrt(global_q), heads,
-                                   int(config.get("mm_learnable_gated", -1)))
-        _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
-                "gated projector")
-        sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
-                               float(config.get("mm_resampler_temp", 1.0)))
-        _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
-
         llm_conf = llm_config_from(config)
-        if llm_hidden != llm_conf["hidden_size"]:
-            raise FormatError(f"{path}: projector output {llm_hidden} != LLM hidden_size {llm_conf['hidden_size']}")
         sep_id = int(config.get("seperator", config.get("separator", DEFAULT_SEPARATOR_ID)))
-        branch = SliMEBranch(encoder, projector, sampler, llm_hidden, int(config.get("mm_vision_select_layer", -2)),
-                             config.get("mm_patch_merge_type", "spatial"), bool(config.get("use_global_only", False)),
-                             bool(config.get("use_local_only", False)), sep_id)
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:
             raise FormatError(f"{path}: no model.embed_tokens.weight (SliME's separator is an embedding row)")
-        branch.separator.copy_(_read_row(reader, llm.keys["model.embed_tokens.weight"], sep_id).float())
-        if dtype is not None:
-            branch.to(dtype)
+        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
+            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        branch = None
+        if vision:
+            encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
+            encoder.pad_square = False
+            try:
+                llm_hidden, mm_hidden = reader.shape(PROJ + "projection.0.weight")
+                global_q = reader.shape(PROJ + "attn.query")[0]
+                local_q = reader.shape(SAMPLER + "post_qformer.query")[0]
+            except CheckpointError:
+                raise FormatError(f"{path}: incomplete SliME projector/sampler weights") from None
+            if mm_hidden != encoder.hidden_size:
+                raise FormatError(f"{path}: projector input width {mm_hidden} != CLIP width {encoder.hidden_size}")
+            if mm_hidden % 128:
+                raise FormatError(f"{path}: SliME resamplers use width/128 heads; width {mm_hidden} is not a multiple of 128")
+            n_tokens = encoder.grid[0] * encoder.grid[1]
+            if global_q != n_tokens or math.isqrt(global_q) ** 2 != global_q:
+                raise FormatError(f"{path}: gated projector has {global_q} queries but CLIP gives {n_tokens} tokens")
+            dim = int(config.get("mm_resampler_dim", local_q))
+            if dim != local_q:
+                raise FormatError(f"{cfg_file}: mm_resampler_dim {dim} != post_qformer queries {local_q} in the weights")
+            heads = mm_hidden // 128
+            projector = GatedProjector(mm_hidden, llm_hidden, math.isqrt(global_q), heads,
+                                       int(config.get("mm_learnable_gated", -1)))
+            _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
+                    "gated projector")
+            sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
+                                   float(config.get("mm_resampler_temp", 1.0)))
+            _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
+
+            if llm_hidden != llm_conf["hidden_size"]:
+                raise FormatError(f"{path}: projector output {llm_hidden} != LLM hidden_size {llm_conf['hidden_size']}")
+            branch = SliMEBranch(encoder, projector, sampler, llm_hidden, int(config.get("mm_vision_select_layer", -2)),
+                                 config.get("mm_patch_merge_type", "spatial"), bool(config.get("use_global_only", False)),
+                                 bool(config.get("use_local_only", False)), sep_id)
+            branch.separator.copy_(_read_row(reader, llm.keys["model.embed_tokens.weight"], sep_id).float())
+            if dtype is not None:
+                branch.to(dtype)
+            branch.eval()
         tok = tokenizer_dir(path)
         eot = llama3_eot_ids(tok)
         style = options.get("prompt_style") or ("slime_llama3" if eot else "vicuna_v1")
         eos = eos_ids(path, config)
         eos += [i for i in eot if i not in eos]
         text = TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos, separator_token_id=sep_id)
-        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch.eval(), text=text,
+        return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
 
 

@@ -10,6 +10,7 @@ so visual tokens can be spliced in between.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,6 +125,54 @@ class TextSide:
             ids_before = [tok.bos_token_id] + ids_before
         ids_after = tok(after, add_special_tokens=False)["input_ids"] if after else []
         return ids_before, ids_after
+
+
+def tokenizer_vocab(path: str | Path | None) -> dict[str, int]:
+    """token -> id (added tokens included) of the tokenizer in ``path``.
+
+    Read from ``tokenizer.json`` with the ``tokenizers`` library when the dir has one (what
+    a fast tokenizer's ``get_vocab()`` returns, without importing transformers); otherwise
+    through :func:`load_tokenizer` (e.g. a sentencepiece-only ``tokenizer.model``).
+    """
+    if path is None:
+        raise CheckpointError("this member has no tokenizer (tokenizer_path is unset)")
+    f = Path(path) / "tokenizer.json"
+    if f.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            vocab = Tokenizer.from_file(str(f)).get_vocab(with_added_tokens=True)
+        except Exception as e:  # tokenizers raises its own exception type
+            raise CheckpointError(f"{f}: cannot load tokenizer ({str(e).splitlines()[0]})") from None
+        cfg = Path(path) / "tokenizer_config.json"
+        if cfg.is_file():  # added tokens declared only in tokenizer_config.json
+            try:
+                added = json.loads(cfg.read_text()).get("added_tokens_decoder") or {}
+            except (json.JSONDecodeError, OSError):
+                added = {}
+            for i, t in added.items():
+                content = t.get("content") if isinstance(t, dict) else None
+                if content is not None and content not in vocab and str(i).isdigit():
+                    vocab[content] = int(i)
+        return vocab
+    return dict(load_tokenizer(path).get_vocab())
+
+
+def has_chat_template(path: str | Path | None) -> bool:
+    """Whether the tokenizer in ``path`` ships a chat template (tokenizer_config.json's
+    ``chat_template``, or ``chat_template.jinja`` / ``chat_template.json``), files only."""
+    if path is None:
+        return False
+    d = Path(path)
+    if (d / "chat_template.jinja").is_file() or (d / "chat_template.json").is_file():
+        return True
+    cfg = d / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            return bool(json.loads(cfg.read_text()).get("chat_template"))
+        except (json.JSONDecodeError, OSError):
+            return False
+    return False
 
 
 def load_tokenizer(path: str | Path | None):

@@ -156,9 +156,9 @@ def _compare_tensors(ref, other, ref_label: str, base_extra_ok: bool) -> tuple[l
 def _vocab(tokenizer_path: str | None) -> dict[str, int] | None:
     if not tokenizer_path:
         return None
-    from ..members.text import load_tokenizer
+    from ..members.text import tokenizer_vocab
 
-    return dict(load_tokenizer(tokenizer_path).get_vocab())
+    return tokenizer_vocab(tokenizer_path)
 
 
 def tokenizer_problem(ref: dict[str, int], vocab: dict[str, int], ref_label: str) -> tuple[str | None, str | None]:

@@ -26,7 +26,8 @@ from .methods import MergeError, TensorMerger
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
                       union_eos)
 from .plan import MergePlan, TensorJob, build_plan, dtype_name
-from .sources import BaseInput, MemberInput, open_base, open_member, open_members
+from .sources import BaseInput, MemberInput, open_base, open_members
+from .vision import save_vision_branches
 from .writer import StreamingShardWriter
 
 Echo = Callable[[str], None]
@@ -142,15 +143,6 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
         writer.abort()
         raise
     return writer.bytes_written
-
-
-def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path) -> None:
-    """Each member's vision branch into ``directory/<name>`` (``Member.save_vision_branch``: in the
-    dtype the source stores it), one member in memory at a time."""
-    for m in members:
-        full = open_member(recipe, m.index, keep_vision=True)
-        full.member.save_vision_branch(directory / m.name)
-        del full
 
 
 def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:

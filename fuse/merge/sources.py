@@ -31,8 +31,8 @@ class MemberInput:
     spec: MemberSpec
     member: Member
     weight: float
-    vision_bytes: int = 0        # the loaded branch in memory (as built by the adapter)
-    vision_save_bytes: int = 0   # the branch as saved (in its stored dtype)
+    vision_bytes: int = 0        # peak bytes in memory while its branch is written to OUT
+    vision_save_bytes: int = 0   # the branch as saved (its stored non-LLM tensors)
 
     @property
     def llm(self) -> LLMPart:
@@ -88,43 +88,54 @@ def open_base(recipe: Recipe) -> BaseInput | None:
             keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
             llm = LLMPart(config=dict(config), keys=keys, reader=reader)
             return BaseInput(recipe.base_model, path, llm, str(arch), tokenizer_dir(path))
-        m = load_member(path)
-        m.vision = None
+        m = load_member(path, vision=False)
         return BaseInput(recipe.base_model, path, m.llm, "LlamaForCausalLM", m.text.tokenizer_path)
     except FuseError as e:
         raise _reraise(recipe, "base_model", e) from None
 
 
 def vision_nbytes(member: Member) -> int:
+    """Bytes of a built vision branch in memory (0 when not built)."""
     if member.vision is None:
         return 0
     return sum(t.numel() * t.element_size() for t in member.vision.state_dict().values())
 
 
+def stored_vision_bytes(member: Member) -> tuple[int, int]:
+    """(total, largest tensor) bytes of the checkpoint's non-LLM tensors (header facts only)."""
+    reader = member.llm.reader
+    sizes = [reader.info(k).nbytes for k, part in member.key_usage.items() if part != "llm" and k in reader]
+    return sum(sizes), max(sizes, default=0)
+
+
+def copies_vision(member: Member) -> bool:
+    """Whether ``fuse merge`` copies this member's branch byte for byte (see ``FormatAdapter.copyable_vision``)."""
+    from ..members import FORMATS
+
+    return FORMATS[member.format].copyable_vision(member)
+
+
 def open_member(recipe: Recipe, index: int, keep_vision: bool = False,
                 dtype: torch.dtype | str | None = "source") -> MemberInput:
-    """Load member ``index``; its vision branch is built in the checkpoint's own dtype (it is only
-    copied to OUT, never run), so an 8B bf16 member never holds a float32 copy."""
+    """Open member ``index``. Without ``keep_vision`` only headers, configs and the text side
+    are read (no module is built); with it, the vision branch is built in the checkpoint's own
+    dtype (it is only saved to OUT, never run), so an 8B bf16 member never holds a float32 copy."""
     spec = recipe.members[index]
     name = recipe.member_names()[index]
     try:
-        m = load_member(spec.model, format=spec.format, dtype=dtype, name=name, **spec.options)
+        m = load_member(spec.model, format=spec.format, dtype=dtype, name=name, vision=keep_vision, **spec.options)
     except FuseError as e:
         raise _reraise(recipe, f"members[{index}].model", e) from None
     except TypeError as e:  # unknown adapter option
         raise _reraise(recipe, f"members[{index}].options", FuseError(str(e))) from None
-    nbytes = vision_nbytes(m)
-    stored = m.vision_source_dtype()  # save_vision_branch writes the branch back in this dtype
-    sd = m.vision.state_dict().values() if m.vision is not None else []
-    save_bytes = sum(t.numel() * (stored.itemsize if stored is not None and t.is_floating_point() else t.element_size())
-                     for t in sd)
-    if not keep_vision:
-        m.vision = None  # released: re-read when the branch is saved
-    return MemberInput(index, name, spec, m, recipe.weights()[index], nbytes, save_bytes)
+    total, largest = stored_vision_bytes(m)
+    in_memory = vision_nbytes(m) if keep_vision else (largest if copies_vision(m) else total)
+    return MemberInput(index, name, spec, m, recipe.weights()[index], in_memory, total)
 
 
 def open_members(recipe: Recipe, keep_vision: bool = False) -> list[MemberInput]:
     return [open_member(recipe, i, keep_vision) for i in range(len(recipe.members))]
 
 
-__all__ = ["BaseInput", "MemberInput", "open_base", "open_member", "open_members", "vision_nbytes"]
+__all__ = ["BaseInput", "MemberInput", "copies_vision", "open_base", "open_member", "open_members",
+           "stored_vision_bytes", "vision_nbytes"]
