@@ -46,17 +46,32 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Header facts of one stored tensor (no data read)."""
+    """Header facts of one stored tensor (no data read).
+
+    ``offset``: absolute byte position of the tensor's data in ``file``
+    (8 + header length + ``data_offsets[0]``); -1 when unknown.
+    """
 
     key: str
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = -1
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row (first axis) of the stored tensor; 0 for a scalar or empty first axis."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
 
 def _read_header(path: Path) -> dict:
     """Parse and validate a safetensors header; raise CheckpointError naming the file if bad."""
+    return _read_header_and_start(path)[0]
+
+
+def _read_header_and_start(path: Path) -> tuple[dict, int]:
+    """(validated header, file offset where the tensor data starts = 8 + header length)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as fh:
@@ -77,7 +92,7 @@ def _read_header(path: Path) -> dict:
         raise CheckpointError(
             f"{path}: truncated safetensors file ({data_len} data bytes, header needs {end})"
         )
-    return header
+    return header, 8 + hlen
 
 
 class LazyCheckpoint:
@@ -96,7 +111,7 @@ class LazyCheckpoint:
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
         for f in self._resolve_files(files):
-            header = _read_header(f)
+            header, data_start = _read_header_and_start(f)
             self._metadata.update(header.get("__metadata__") or {})
             for key, v in header.items():
                 if key == "__metadata__":
@@ -107,7 +122,7 @@ class LazyCheckpoint:
                 start, stop = v["data_offsets"]
                 if key in self._info:
                     raise CheckpointError(f"{f}: tensor {key} also stored in {self._info[key].file}")
-                self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start)
+                self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start, data_start + start)
 
     def _resolve_files(self, files: list[str] | None) -> list[Path]:
         p = self.path

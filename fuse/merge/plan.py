@@ -30,7 +30,7 @@ from .family import VOCAB_TENSORS
 from .methods import method_info
 from .sources import BaseInput, MemberInput
 
-DEFAULT_CHUNK_BYTES = 4 * 2**20  # per input, compute dtype: cache-sized pieces, single-threaded math
+DEFAULT_CHUNK_BYTES = 2**20  # per input, compute dtype: a piece's inputs and mergekit's temporaries stay in cache
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
