@@ -1,15 +1,18 @@
 """SHA-256 of the source checkpoints' files, for ``fuse_config.json["sources"]``.
 
 Hashing reads every weight file once more; :class:`BackgroundChecksums` does it
-in a worker thread (``hashlib`` releases the GIL on large updates) while the
-merge runs, with a fixed 8 MiB read buffer, so it costs neither memory nor,
-on a machine with a spare core, wall time.
+in a worker thread (``hashlib`` releases the GIL on large updates) from the
+start of the merge, with a fixed 8 MiB read buffer, so it costs neither memory nor,
+on a machine with a spare core, wall time. Files of a Hugging Face cache snapshot
+are links to ``blobs/<sha256>`` (git-lfs files, i.e. the weights): that name is
+their SHA-256, so they are not read again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +38,20 @@ def sha256_file(path: str | os.PathLike, buffer: int = BUFFER, stop: threading.E
     return h.hexdigest()
 
 
+_SHA256_NAME = re.compile(r"[0-9a-f]{64}")
+
+
+def cached_sha256(path: Path) -> str | None:
+    """The SHA-256 of a Hugging Face cache snapshot file whose link names its ``blobs/<sha256>``
+    (git-lfs files); None for any other file."""
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    if target.parent.name == "blobs" and _SHA256_NAME.fullmatch(target.name):
+        return target.name
+    return None
+
+
 def source_files(directory: str | os.PathLike) -> list[Path]:
     """The files of a checkpoint dir that define it (weights, configs, tokenizer), top level only."""
     d = Path(directory)
@@ -46,7 +63,7 @@ def checksum_dir(directory: str | os.PathLike, stop: threading.Event | None = No
     out = {}
     for p in source_files(directory):
         try:
-            out[p.name] = {"size": p.stat().st_size, "sha256": sha256_file(p, stop=stop)}
+            out[p.name] = {"size": p.stat().st_size, "sha256": cached_sha256(p) or sha256_file(p, stop=stop)}
         except OSError as e:
             raise CheckpointError(f"{p}: cannot read to checksum it ({e.strerror or e})") from None
     return {"files": out}
@@ -72,4 +89,4 @@ class BackgroundChecksums:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["BackgroundChecksums", "checksum_dir", "sha256_file", "source_files"]
+__all__ = ["BackgroundChecksums", "cached_sha256", "checksum_dir", "sha256_file", "source_files"]

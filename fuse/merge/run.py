@@ -18,14 +18,16 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoint import atomic_output_dir
-from ..errors import CheckpointError
+from ..errors import CheckpointError, FuseError
 from ..recipe import Recipe
 from .checksums import BackgroundChecksums
 from .family import FamilyReport, check_family
 from .methods import MergeError, TensorMerger
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
                       union_eos)
+from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
 from .plan import MergePlan, TensorJob, build_plan, dtype_name
+from .reader import RowReader
 from .sources import BaseInput, MemberInput, open_base, open_members
 from .vision import save_vision_branches
 from .writer import StreamingShardWriter
@@ -69,10 +71,6 @@ def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def _read(part, name: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
-    return part.reader.get_rows(part.keys[name], start, stop, dtype)
-
-
 def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
                 out_dtype: torch.dtype) -> MergeError:
     bad = [label for label, t in inputs if t is not None and not _finite(t)]
@@ -85,24 +83,35 @@ def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: S
 
 def merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
               directory: Path, display_dir: Path | None = None, progress: bool = True,
-              threads: int | None = None) -> int:
+              threads: int | None = None, workers: int | None = None) -> int:
     """Merge every planned tensor into ``directory`` (streaming). Returns bytes written.
 
     ``threads``: torch intra-op threads during the merge. Default: 1 for row-chunked merges
     (cache-sized, memory-bound element-wise math gains nothing from more threads and loses a lot
     on a busy machine), torch's default for whole-tensor methods (TIES/DARE top-k, sampling).
+    ``workers``: row-chunked merges of deterministic methods merge this many chunks at once, each
+    on its own thread (default: one per CPU core left after the writer thread, at most
+    ``MAX_WORKERS``); otherwise one.
     """
     saved_threads = torch.get_num_threads()
     n_threads = threads or (1 if plan.chunked else saved_threads)
     torch.set_num_threads(n_threads)
     try:
-        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress)
+        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress, workers)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
-               directory: Path, display_dir: Path | None, progress: bool) -> int:
+               directory: Path, display_dir: Path | None, progress: bool, workers: int | None = None) -> int:
+    """Read -> mergekit -> finiteness check -> write, piece by piece (:mod:`fuse.merge.pipeline`).
+
+    Row-chunked plans: worker threads read chunks into reusable buffers and merge them while a
+    writer thread appends the results in plan order (``window`` results at most in flight).
+    Whole-tensor plans, and methods that draw random numbers (the RNG stream must follow plan
+    order, as in mergekit-yaml), use one worker in this thread; whole-tensor plans also write
+    each tensor before the next is read (memory: one tensor's working set, as ever).
+    """
     from tqdm import tqdm
 
     merger = TensorMerger(recipe.merge.method, [m.name for m in members], [m.weight for m in members],
@@ -110,34 +119,40 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
                           with_base=plan.with_base)
     writer = StreamingShardWriter(directory, [(j.name, j.shape, j.out_dtype) for j in plan.jobs], plan.max_shard_bytes,
                                   display_dir=display_dir)
-    compute = plan.compute_dtype
+    parts = [m.llm for m in members] + ([base.llm] if plan.with_base else [])
+    parallel = plan.chunked and not merger.info.random
+    n_workers = max(1, workers or default_workers()) if parallel else 1
+    window = n_workers + 2 if plan.chunked else 1
+
+    def merge(loaded: Loaded) -> torch.Tensor:
+        job, rows, owner = loaded.piece.job, (loaded.piece.start, loaded.piece.stop), loaded.piece.owner
+        if owner is not None:  # carried rows: written as stored (read in the output dtype)
+            if not _finite(loaded.carried):
+                raise _not_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
+            return loaded.carried
+        out = merger(loaded.members, loaded.base, job.out_dtype, job.name)
+        if not _finite(out):
+            raise _not_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
+                              [("base_model", loaded.base)], job.out_dtype)
+        return out
+
     t0, read = time.perf_counter(), 0
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), \
+        with RowReader() as reader, torch.random.fork_rng(devices=[]), torch.no_grad(), \
                 tqdm(total=len(plan.jobs), unit="tensor", desc="merging LLM", disable=not progress,
                      dynamic_ncols=True, leave=True) as bar:
             torch.manual_seed(recipe.merge.seed)  # mergekit-yaml --random-seed seeds torch the same way
-            for job in plan.jobs:
-                for a, b in job.chunks:
-                    ins = [_read(m.llm, job.name, a, b, compute) for m in members]
-                    bt = _read(base.llm, job.name, a, b, compute) if plan.with_base else None
-                    out = merger(ins, bt, job.out_dtype, job.name)
-                    if not _finite(out):
-                        raise _not_finite(recipe, job, (a, b), [(m.name, t) for m, t in zip(members, ins)] +
-                                          [("base_model", bt)], job.out_dtype)
-                    del ins, bt
-                    writer.append(job.name, out)
-                    del out
-                for a, b, owner in job.carried:
-                    t = _read(members[owner].llm, job.name, a, b, job.out_dtype)
-                    if not _finite(t):
-                        raise _not_finite(recipe, job, (a, b), [(members[owner].name, t)], job.out_dtype)
-                    writer.append(job.name, t)
-                    del t
+
+            def done(job: TensorJob) -> None:  # called by the writer thread
+                nonlocal read
                 read += job.read_bytes
                 dt = max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix_str(f"{read / dt / 1e9:.2f} GB/s read", refresh=False)
                 bar.update(1)
+
+            loaders = [InputLoader(reader, parts, plan.with_base, plan.compute_dtype, pooled=plan.chunked)
+                       for _ in range(n_workers)]
+            merge_pieces(plan_pieces(plan), loaders, merge, writer, done, window)
         writer.close()
     except BaseException:
         writer.abort()
@@ -157,11 +172,26 @@ def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
               allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
               echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
-    """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``)."""
+    """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``).
+
+    The sources' SHA-256 is computed in a background thread started before anything else
+    (:func:`_start_checksums`), so it overlaps the family check as well as the merge."""
     t0 = time.perf_counter()
     out = Path(out or recipe.output.dir)
     if out.exists() and not force and not dry_run:
         raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+    sums = _start_checksums(recipe) if checksums and not dry_run else None
+    try:
+        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0)
+    except BaseException:
+        if sums is not None:
+            sums.cancel()
+        raise
+
+
+def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_foreign: bool, progress: bool,
+               echo: Echo, chunk_bytes: int | None, threads: int | None, sums: BackgroundChecksums | None,
+               t0: float) -> MergeResult:
     prep = prepare(recipe, allow_foreign, echo=echo)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
@@ -176,35 +206,42 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
         echo("dry run: nothing written")
         return MergeResult(None, plan, prep.report, time.perf_counter() - t0)
     eos = union_eos(members, text_index, recipe.text.extra_eos_ids)
-    sums = BackgroundChecksums([m.path for m in members] + ([base.path] if base else [])) if checksums else None
-    try:
-        with atomic_output_dir(out, force=force) as tmp:
-            try:
-                merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
-                          threads=threads)
-                cfg = llm_config(members[text_index], plan, eos)
-                (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
-                (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
-                copy_tokenizer(tok_src, tmp / "llm")
-                save_vision_branches(recipe, members, tmp / "members")
-                sources = sums.result() if sums else {}
-                fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
-                (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
-                (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
-                                                             "architectures": ["FusedModel"], **fcfg}, indent=2))
-                (tmp / "README.md").write_text(model_card(fcfg, plan))
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise CheckpointError(f"{out}: disk full (no space left on device); nothing was written") from None
-                raise CheckpointError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
-    except BaseException:
-        if sums is not None:
-            sums.cancel()
-        raise
+    with atomic_output_dir(out, force=force) as tmp:
+        try:
+            merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
+                      threads=threads)
+            cfg = llm_config(members[text_index], plan, eos)
+            (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
+            (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
+            copy_tokenizer(tok_src, tmp / "llm")
+            save_vision_branches(recipe, members, tmp / "members")
+            sources = sums.result() if sums else {}
+            fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+            (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
+            (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
+                                                         "architectures": ["FusedModel"], **fcfg}, indent=2))
+            (tmp / "README.md").write_text(model_card(fcfg, plan))
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise CheckpointError(f"{out}: disk full (no space left on device); nothing was written") from None
+            raise CheckpointError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
     seconds = time.perf_counter() - t0
     echo(f"wrote {out}: llm/ ({len(plan.jobs)} tensors, {plan.llm_bytes / 1e9:.3f} GB), members: "
          f"{', '.join(m.name for m in members)} ({seconds:.1f} s)")
     return MergeResult(out, plan, prep.report, seconds)
+
+
+def _start_checksums(recipe: Recipe) -> BackgroundChecksums | None:
+    """Start hashing the source dirs (resolved as ``load_member`` resolves them) before they are
+    opened; None when one does not resolve to a directory (``prepare`` then reports it)."""
+    from ..members import resolve_path
+
+    try:
+        dirs = [resolve_path(m.model) for m in recipe.members] + \
+            ([resolve_path(recipe.base_model)] if recipe.base_model else [])
+    except FuseError:
+        return None
+    return BackgroundChecksums(dirs) if all(d.is_dir() for d in dirs) else None
 
 
 def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print) -> FamilyReport:

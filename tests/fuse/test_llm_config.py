@@ -30,3 +30,4 @@ def test_matches_llamaconfig(cfg):
     # and transformers reads it back to the same config
     back = LlamaConfig(**{k: v for k, v in ours.items() if k not in ("architectures", "model_type")}).to_dict()
     assert back["rope_parameters"] == ref["rope_parameters"] and back["head_dim"] == ref["head_dim"]
+

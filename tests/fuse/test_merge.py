@@ -294,3 +294,58 @@ def test_plan_chunks_and_peak_estimate(family):
     peak, base = ta.peak_memory_estimate(baseline=100)
     assert peak == 100 + max(ta.working_set_bytes() + 16 * 2**20, int(1.25 * ta.vision_load_bytes))
     assert ta.vision_load_bytes > 0 and ta.vision_bytes > 0
+
+
+def test_sampled_rows_cover_small_tensors_and_spread_over_big_ones():
+    from fuse.merge.family import sampled_rows
+
+    assert sampled_rows(256, 64) == [(0, 256)]
+    big = sampled_rows(128256, 4096)  # LLaMA-3 embedding: 8 blocks of 128 rows, first and last rows included
+    assert len(big) == 8 and big[0][0] == 0 and big[-1][1] == 128256
+    assert all(b - a == 128 for a, b in big) and all(x[1] <= y[0] for x, y in zip(big, big[1:]))
+
+
+def test_relative_distance_on_sampled_rows_tracks_the_full_formula(tmp_path):
+    from safetensors.torch import save_file
+
+    from fuse.checkpoint import LazyCheckpoint
+    from fuse.members.base import LLMPart
+    from fuse.merge.family import relative_distance
+
+    g = torch.Generator().manual_seed(0)
+    ref = {"big": torch.randn(4096, 2048, generator=g), "small": torch.randn(64, 32, generator=g)}
+    other = {k: v + 0.03 * torch.randn(v.shape, generator=g) * (1 + torch.arange(v.shape[0])[:, None] / v.shape[0])
+             for k, v in ref.items()}
+    parts = []
+    for name, sd in (("ref", ref), ("other", other)):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+        parts.append(LLMPart({}, {k: k for k in sd}, LazyCheckpoint(tmp_path / f"{name}.safetensors")))
+    for names in (["small"], ["big", "small"]):
+        full = (sum(float(((other[n] - ref[n]).double() ** 2).sum()) for n in names) /
+                sum(float((ref[n].double() ** 2).sum()) for n in names)) ** 0.5
+        got = relative_distance(parts[0], parts[1], names)
+        tol = (1e-9 if names == ["small"] else 0.05) * full  # small: every row; big: 8 blocks of rows
+        assert abs(got - full) <= tol, (names, got, full)
+
+
+def test_checksums_take_sha256_from_hub_cache_blob_names(tmp_path):
+    """A hub snapshot file links to blobs/<sha256>: that name is used, the file is not hashed again."""
+    import hashlib
+
+    from fuse.merge.checksums import checksum_dir
+
+    data = b"weights" * 1000
+    true = hashlib.sha256(data).hexdigest()
+    fake = "ab" * 32  # proves the name, not the content, is used for linked blobs
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / true).write_bytes(data)
+    (tmp_path / "blobs" / fake).write_bytes(data)
+    snap = tmp_path / "snapshots" / "rev"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(tmp_path / "blobs" / true)
+    (snap / "extra.safetensors").symlink_to(tmp_path / "blobs" / fake)
+    (snap / "config.json").write_text("{}")  # a plain file: hashed
+    files = checksum_dir(snap)["files"]
+    assert files["model.safetensors"] == {"size": len(data), "sha256": true}
+    assert files["extra.safetensors"]["sha256"] == fake
+    assert files["config.json"]["sha256"] == hashlib.sha256(b"{}").hexdigest()
