@@ -7,7 +7,7 @@ otherwise), each as a child process whose peak RSS is read with wait4(2). Prints
 the median wall-time and peak-RSS ratios (fuse / mergekit) and the memory target
 (peak RSS of `fuse merge` < 2 x largest tensor + 600 MB).
 
-    python benchmarks/merge_vs_mergekit.py                 # 3 rounds, ~0.5 GB members
+    python benchmarks/merge_vs_mergekit.py                 # 5 rounds, ~0.5 GB members
     python benchmarks/merge_vs_mergekit.py --size small    # quick smoke run
 """
 
@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "fuse_merge_bench")
     ap.add_argument("--size", choices=sorted(SIZES), default="half_gb")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--clean", action="store_true", help="delete the built inputs at the end (default: reuse them)")
     ap.add_argument("--no-import-baseline", dest="import_baseline", action="store_false",
                     help="skip timing each tool's bare python start + imports")
@@ -165,7 +165,7 @@ def main() -> None:
           f"ratio {statistics.median(ratios):.2f} (per round: {', '.join(f'{x:.2f}' for x in ratios)})")
     if args.import_baseline:
         net = {t: [w - i for (w, _), i in zip(results[t], import_s[t])] for t in results}
-        print(f"median wall minus python start+imports (the same torch/transformers stack for both): "
+        print(f"median wall minus python start + each tool's own imports: "
               f"fuse {statistics.median(net['fuse']):.2f} s   mergekit {statistics.median(net['mergekit']):.2f} s   "
               f"ratio {statistics.median(a / b for a, b in zip(net['fuse'], net['mergekit'])):.2f}")
     print(f"median RSS    fuse {med['fuse'][1]:.0f} MiB   mergekit {med['mergekit'][1]:.0f} MiB   "
