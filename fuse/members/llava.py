@@ -28,6 +28,13 @@ LLM_RULES = [(r"^model\.(embed_tokens|layers|norm)\.", "llm"), (r"^lm_head\.", "
 LLM_RENAME = [(r"^model\.", "model."), (r"^lm_head\.", "lm_head.")]
 
 
+def require_clip_tower(path: Path, config: dict, tower_keys: list[str], options: dict) -> None:
+    """Refuse a checkpoint that neither stores its CLIP tower nor names one (``mm_vision_tower``),
+    without building anything (checked even when only the LLM part is opened)."""
+    if not tower_keys and not (options.get("vision_tower") or config.get("mm_vision_tower")):
+        raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+
+
 def load_clip_tower(reader: LazyCheckpoint, config: dict, tower_keys: list[str], options: dict) -> ClipEncoder:
     """The CLIP tower of an original-layout checkpoint (stored keys, else ``mm_vision_tower``)."""
     hub_id = options.get("vision_tower") or config.get("mm_vision_tower")
@@ -73,8 +80,7 @@ class LlavaAdapter(FormatAdapter):
         proj_type = config.get("mm_projector_type", "linear")
         if not parts.get("projector"):
             raise FormatError(f"{path}: no model.mm_projector.* weights (is this a base LLM, not a LLaVA model?)")
-        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
-            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        require_clip_tower(path, config, parts.get("encoder", []), options)
         branch = None
         if vision:
             encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)

@@ -46,7 +46,7 @@ from ..images import mean_color, pad_to_square, to_rgb
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
                    register_format)
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
-from .llava import LLM_RENAME, LLM_RULES, load_clip_tower
+from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .llava_hf import load_projector
 from .mgm_mining import PatchInfoMining, concat_stage_maps
 from .projectors import build_projector
@@ -222,8 +222,7 @@ class MGMAdapter(FormatAdapter):
             raise FormatError(f"{path}: MGM checkpoint has no {PROJ}* weights")
 
         llm_conf = llm_config_from(config)
-        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
-            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        require_clip_tower(path, config, parts.get("encoder", []), options)
         branch = None
         if vision:
             encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)

@@ -52,7 +52,7 @@ from .anyres import anyres_views
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
                    register_format)
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
-from .llava import LLM_RENAME, LLM_RULES, load_clip_tower
+from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .mgm import llama3_eot_ids
 from .slime_modules import GatedProjector, LocalSampler
 from .text import TextSide
@@ -263,8 +263,7 @@ class SliMEAdapter(FormatAdapter):
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:
             raise FormatError(f"{path}: no model.embed_tokens.weight (SliME's separator is an embedding row)")
-        if not parts.get("encoder") and not (options.get("vision_tower") or config.get("mm_vision_tower")):
-            raise FormatError(f"{path}: no vision tower weights and no mm_vision_tower in config.json")
+        require_clip_tower(path, config, parts.get("encoder", []), options)
         branch = None
         if vision:
             encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
