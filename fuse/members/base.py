@@ -276,8 +276,9 @@ def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None =
 
 
 def _load_copied_branch(d: Path, cfg: dict, dtype: torch.dtype | None) -> VisionBranch:
-    from . import load_member
+    from . import _load_plugins, load_member
 
+    _load_plugins()  # MGM / SliME / COMM adapters register on import
     fmt = cfg.get("format")
     if fmt not in FORMATS:
         raise CheckpointError(f"{d / VISION_CONFIG}: format {fmt!r} unknown (known: {', '.join(sorted(FORMATS))})")
