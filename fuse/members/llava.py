@@ -37,15 +37,13 @@ def require_clip_tower(path: Path, config: dict, tower_keys: list[str], options:
 
 def load_clip_tower(reader: LazyCheckpoint, config: dict, tower_keys: list[str], options: dict) -> ClipEncoder:
     """The CLIP tower of an original-layout checkpoint (stored keys, else ``mm_vision_tower``)."""
+    require_clip_tower(reader.path, config, tower_keys, options)
     hub_id = options.get("vision_tower") or config.get("mm_vision_tower")
     pad = config.get("image_aspect_ratio", "pad") == "pad"
-    if tower_keys:
-        enc = ClipEncoder.from_config(clip_config_from_keys(reader, TOWER + "vision_model.", hub_id), pad_square=pad)
-        enc.load_weights({k[len(TOWER):]: reader.get(k) for k in tower_keys}, str(reader.path))
-    elif hub_id:
-        enc = ClipEncoder.from_pretrained(hub_id, pad_square=pad)
-    else:
-        raise FormatError(f"{reader.path}: no vision tower weights and no mm_vision_tower in config.json")
+    if not tower_keys:
+        return ClipEncoder.from_pretrained(hub_id, pad_square=pad)
+    enc = ClipEncoder.from_config(clip_config_from_keys(reader, TOWER + "vision_model.", hub_id), pad_square=pad)
+    enc.load_weights({k[len(TOWER):]: reader.get(k) for k in tower_keys}, str(reader.path))
     return enc
 
 
