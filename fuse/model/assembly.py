@@ -28,10 +28,16 @@ class Piece:
     kind: str  # "text" | "visual" | "sep"
     embeds: torch.Tensor
     offsets: torch.Tensor | None = None  # None = sequential
+    width: int | None = None  # positions the piece occupies; None = max(offsets) + 1
 
     def __post_init__(self) -> None:
         if self.offsets is None:
             self.offsets = torch.arange(self.embeds.shape[0])
+
+    @property
+    def positions(self) -> int:
+        """How many position ids the piece consumes (the next piece starts after them)."""
+        return self.width if self.width is not None else positions_used(self.offsets)
 
     @property
     def length(self) -> int:
@@ -59,10 +65,9 @@ def sample_positions(pieces: list[Piece]) -> torch.Tensor:
     """Position ids ``[n]`` of one unpadded sample: each piece starts after the previous one's last position."""
     out, base = [], 0
     for p in pieces:
-        if p.length == 0:
-            continue
-        out.append(base + p.offsets.to(torch.long))
-        base += positions_used(p.offsets)
+        if p.length:
+            out.append(base + p.offsets.to(torch.long))
+        base += p.positions
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

@@ -42,7 +42,7 @@ from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_br
 from ..members.base import VISION_CONFIG, VISION_WEIGHTS
 from .assembly import Assembled, Piece, assemble
 from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
-from .budget import BudgetResult, apply_budget
+from .budget import BudgetResult, apply_budget, select_total
 from .config import FUSE_CONFIG, FusedConfig
 from .options import InferenceOptions
 from .positions import span_offsets
@@ -330,13 +330,14 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def prepare(self, images: Any, prompts: str | Sequence[str], template: bool = True,
                 token_budget: Any = None, positions: Any = None, separator: Any = None,
-                max_new_tokens: int = 0) -> FusedInputs:
+                max_new_tokens: int = 0, max_visual_tokens: Any = None) -> FusedInputs:
         """Images + prompts -> the assembled, left-padded LLM input.
 
         ``images``: one per prompt (paths or PIL images; converted to RGB by ``fuse.images.load_image``).
         ``template``: apply the text member's prompt style (chat template) to each prompt; False uses
         the prompt as the full text. ``token_budget``/``positions``/``separator`` override the model's
-        inference options for this call (see :mod:`fuse.model.options`). ``max_new_tokens`` is only
+        inference options for this call (see :mod:`fuse.model.options`); ``max_visual_tokens`` caps all
+        members' tokens together (:class:`~fuse.model.options.TotalBudget`). ``max_new_tokens`` is only
         used to check the context length.
         """
         t_start = time.perf_counter()
@@ -345,7 +346,7 @@ class FusedModel(PreTrainedModel):
             raise DataError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
         if not prompts:
             raise DataError("no prompts given")
-        opts = self.options.override(self.member_names, token_budget, positions, separator)
+        opts = self.options.override(self.member_names, token_budget, positions, separator, max_visual_tokens)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
         full = [side.prompt(p) for p in prompts]
@@ -380,20 +381,16 @@ class FusedModel(PreTrainedModel):
                                 for t, g, qe in zip(toks, grids, q_embeds)]
 
         t1 = time.perf_counter()
-        samples = []
-        for i, (before, after) in enumerate(text_ids):
-            text_emb = self._embed_ids(before + after)  # one lookup per sample
-            pieces = [Piece("text_before", "text", text_emb[:len(before)])]
-            for j, name in enumerate(self.member_names):
-                res = per_member[name][i]
-                pieces.append(Piece(name, "visual", res.tokens,
-                                    span_offsets(res.count, opts.positions[name], res.grids)))
-                sep = self._separator_id(opts, j)
-                if sep is not None:
-                    pieces.append(Piece(f"sep:{name}", "sep", self._embed_ids([sep])))
-            pieces.append(Piece("text_after", "text", text_emb[len(before):]))
-            samples.append(pieces)
+        text_embs = [self._embed_ids(before + after) for before, after in text_ids]  # one lookup per sample
+        samples = [self._pieces(opts, per_member, i, text_embs[i], len(before))
+                   for i, (before, _) in enumerate(text_ids)]
         assembled = assemble(samples)
+        t_select = 0.0
+        if opts.total is not None and any(sum(p.length for p in s if p.kind == "visual") > opts.total.tokens
+                                          for s in samples):
+            t_sel = time.perf_counter()
+            assembled, samples = self._keep_total(opts, per_member, samples, assembled, text_embs, text_ids)
+            t_select = time.perf_counter() - t_sel
         self._check_context(assembled, per_member, text_ids, max_new_tokens)
         t_asm = time.perf_counter() - t1 + t_text
         return FusedInputs(
@@ -404,7 +401,50 @@ class FusedModel(PreTrainedModel):
             raw_grids=[{n: raw_grids[n][i] for n in self.member_names} for i in range(len(prompts))],
             kept=[{n: per_member[n][i].kept for n in self.member_names} for i in range(len(prompts))],
             text_ids=text_ids,
-            timings={"vision": vision_t, "assembly": t_asm})
+            timings={"vision": vision_t, "assembly": t_asm - t_select, "select": t_select})
+
+    def _pieces(self, opts: InferenceOptions, per_member: dict[str, list[BudgetResult]], i: int,
+                text_emb: torch.Tensor, n_before: int, kept: dict[str, torch.Tensor] | None = None) -> list[Piece]:
+        """Sample ``i`` as pieces ``[text before][member 1][sep?]...[text after]``; with ``kept`` (member ->
+        indices into its budgeted tokens) only those tokens stay, at their own positions."""
+        pieces = [Piece("text_before", "text", text_emb[:n_before])]
+        for j, name in enumerate(self.member_names):
+            res = per_member[name][i]
+            offsets = span_offsets(res.count, opts.positions[name], res.grids)
+            if kept is None:
+                pieces.append(Piece(name, "visual", res.tokens, offsets))
+            else:
+                idx = kept[name]
+                width = int(offsets.max()) + 1 if res.count else 0
+                pieces.append(Piece(name, "visual", res.tokens[idx], offsets[idx], width=width))
+            sep = self._separator_id(opts, j)
+            if sep is not None:
+                pieces.append(Piece(f"sep:{name}", "sep", self._embed_ids([sep])))
+        pieces.append(Piece("text_after", "text", text_emb[n_before:]))
+        return pieces
+
+    def _keep_total(self, opts: InferenceOptions, per_member: dict[str, list[BudgetResult]],
+                    samples: list[list[Piece]], assembled: Assembled, text_embs: list[torch.Tensor],
+                    text_ids: list[tuple[list[int], list[int]]]) -> tuple[Assembled, list[list[Piece]]]:
+        """Apply ``opts.total``: score every visual token by the last prompt position's attention in
+        layer ``opts.total.layer`` of the full sequence, keep the best ``opts.total.tokens`` over all
+        members (:func:`~fuse.model.budget.select_total`), re-assemble. ``per_member`` is updated
+        in place (kept tokens, ``kept`` indices into the member's original tokens, no grid)."""
+        from .attention import last_position_attention
+
+        attn = last_position_attention(self.llm, assembled.inputs_embeds, assembled.attention_mask,
+                                       assembled.position_ids, opts.total.layer)  # [B, L]
+        new_samples = []
+        for i, (before, _) in enumerate(text_ids):
+            spans = assembled.spans[i]
+            scores = [attn[i, spans[n][0]:spans[n][1]] for n in self.member_names]
+            keep = dict(zip(self.member_names, select_total(scores, opts.total.tokens)))
+            new_samples.append(self._pieces(opts, per_member, i, text_embs[i], len(before), keep))
+            for name, idx in keep.items():
+                res = per_member[name][i]
+                base = res.kept if res.kept is not None else torch.arange(res.count)
+                per_member[name][i] = BudgetResult(res.tokens[idx], None, base[idx])
+        return assemble(new_samples), new_samples
 
     def _separator_id(self, opts: InferenceOptions, j: int) -> int | None:
         """Token id to insert after member ``j`` (never after the last member)."""
@@ -433,11 +473,12 @@ class FusedModel(PreTrainedModel):
     # ------------------------------------------------------------------ running
     def forward(self, images: Any = None, prompts: Any = None, inputs: FusedInputs | None = None,
                 template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                **llm_kwargs: Any):
+                max_visual_tokens: Any = None, **llm_kwargs: Any):
         """One forward pass of the merged LLM; returns its output (``.logits [B, L, V]``) with
         ``.fused_inputs`` set to the :class:`FusedInputs` used (build them with :meth:`prepare`)."""
         if inputs is None:
-            inputs = self.prepare(images, prompts, template, token_budget, positions, separator)
+            inputs = self.prepare(images, prompts, template, token_budget, positions, separator,
+                                  max_visual_tokens=max_visual_tokens)
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                        position_ids=inputs.position_ids, **llm_kwargs)
         out.fused_inputs = inputs
@@ -447,7 +488,8 @@ class FusedModel(PreTrainedModel):
     def generate(self, images: Any, prompts: str | Sequence[str], max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                  template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                 return_details: bool = False, seed: int | None = None, **gen_kwargs: Any):
+                 return_details: bool = False, seed: int | None = None, max_visual_tokens: Any = None,
+                 **gen_kwargs: Any):
         """Answer ``prompts`` (one image each). Returns ``list[str]``, or a :class:`GenerationResult`
         with ``return_details=True``.
 
@@ -459,7 +501,8 @@ class FusedModel(PreTrainedModel):
 
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
+        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens,
+                              max_visual_tokens)
         eos = self.eos_token_ids
         tok = self.text.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
@@ -498,7 +541,8 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def capture_attention(self, images: Any, prompts: str | Sequence[str], layers: int | Sequence[int] | None = None,
                           query: str | Sequence[int] = "last", max_new_tokens: int = 16, template: bool = True,
-                          token_budget: Any = None, positions: Any = None, separator: Any = None) -> AttentionCapture:
+                          token_budget: Any = None, positions: Any = None, separator: Any = None,
+                          max_visual_tokens: Any = None) -> AttentionCapture:
         """Attention from chosen positions to each member's visual tokens, per requested layer.
 
         Args:
@@ -523,7 +567,8 @@ class FusedModel(PreTrainedModel):
         """
         from .attention import decoder_layers
 
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
+        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens,
+                              max_visual_tokens)
         layer_ids = resolve_layers(layers, len(decoder_layers(self.llm)))
         answers: list[list[int]] = [[] for _ in inputs.assembled.lengths]
         if query == "answer":

@@ -9,6 +9,8 @@ a mapping ``member name -> spec``::
       token_budget: pool:2            # all | pool[:S] | pool:HxW | topk:K  (or {kind: topk, k: 64})
       positions: {slime: share}       # sequential | share | groups:K | rows
       separator: none                 # none | member | <token id>
+      max_visual_tokens: 49           # cap on all members' tokens together, kept by the question's attention
+                                      # (or {tokens: 49, layer: 1}: the LLM layer whose attention scores them)
 
 Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
 small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
@@ -152,19 +154,51 @@ def _per_member(value: Any, names: Sequence[str], parse, field_name: str, defaul
     return {n: parse(value.get(n, default), f"{field_name}.{n}") for n in names}
 
 
+@dataclass(frozen=True)
+class TotalBudget:
+    """A cap on the visual tokens of all members together (after each member's own budget).
+
+    The ``tokens`` kept are those the last prompt position attends to most in LLM layer ``layer``
+    (0-based; mean over heads), across members: a question about colour keeps the tokens that carry
+    colour, whichever member wrote them (text-guided selection in the spirit of FastV, Chen et al.
+    2024, "An Image is Worth 1/2 Tokens After Layer 2"). Kept tokens keep their position ids.
+    """
+
+    tokens: int
+    layer: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.tokens}@layer{self.layer}"
+
+
+def parse_total(spec: Any, field_name: str = "inference.max_visual_tokens") -> TotalBudget | None:
+    """``None``, an int, ``"49"``, ``"49@1"`` or ``{tokens: 49, layer: 1}`` -> TotalBudget | None."""
+    if spec is None or isinstance(spec, TotalBudget):
+        return spec
+    if isinstance(spec, Mapping):
+        extra = set(spec) - {"tokens", "layer"}
+        if extra or "tokens" not in spec:
+            raise RecipeError(f"{field_name}: expected keys tokens (and layer), got {sorted(spec)}")
+        return TotalBudget(_int(spec["tokens"], f"{field_name}.tokens"),
+                           _int(spec.get("layer", 1), f"{field_name}.layer", minimum=0))
+    tokens, _, layer = str(spec).strip().partition("@")
+    return TotalBudget(_int(tokens, field_name), _int(layer, field_name, minimum=0) if layer else 1)
+
+
 @dataclass
 class InferenceOptions:
-    """Resolved per-member options (member name -> spec) plus the separator policy."""
+    """Resolved per-member options (member name -> spec), the separator policy and the total cap."""
 
     budget: dict[str, BudgetSpec] = field(default_factory=dict)
     positions: dict[str, PositionSpec] = field(default_factory=dict)
     separator: str | int = "none"  # "none" | "member" | token id inserted between members
+    total: TotalBudget | None = None
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
         """Validate a recipe/fuse_config ``inference`` section for members ``names``."""
         section = dict(section or {})
-        known = {"token_budget", "positions", "separator"}
+        known = {"token_budget", "positions", "separator", "max_visual_tokens"}
         unknown = sorted(set(section) - known)
         if unknown:
             raise RecipeError(f"inference: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -176,12 +210,14 @@ class InferenceOptions:
         return cls(budget=_per_member(section.get("token_budget"), names, parse_budget, "inference.token_budget", "all"),
                    positions=_per_member(section.get("positions"), names, parse_positions, "inference.positions",
                                          "sequential"),
-                   separator=sep)
+                   separator=sep, total=parse_total(section.get("max_visual_tokens")))
 
     def override(self, names: Sequence[str], token_budget: Any = None, positions: Any = None,
-                 separator: Any = None) -> "InferenceOptions":
+                 separator: Any = None, max_visual_tokens: Any = None) -> "InferenceOptions":
         """A copy with the given fields replaced (None keeps the current value)."""
-        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator)
+        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total)
+        if max_visual_tokens is not None:
+            out.total = parse_total(max_visual_tokens, "max_visual_tokens")
         if token_budget is not None:
             out.budget.update(_per_member(token_budget, names, parse_budget, "token_budget", "all"))
         if positions is not None:
@@ -192,4 +228,5 @@ class InferenceOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
-                "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator}
+                "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
+                "max_visual_tokens": str(self.total) if self.total else None}
