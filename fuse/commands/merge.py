@@ -5,6 +5,22 @@ from __future__ import annotations
 import click
 
 
+def _align_options(fn):
+    fn = click.option("--no-align-check", is_flag=True,
+                      help="Skip the visual-token alignment check (it builds and runs every vision branch).")(fn)
+    fn = click.option("--n", "n_images", type=click.IntRange(min=2), default=32, show_default=True,
+                      help="Images for the alignment check.")(fn)
+    fn = click.option("--images", type=click.Path(file_okay=False), default=None,
+                      help="Image directory for the alignment check [default: built-in synthetic probe images].")(fn)
+    return fn
+
+
+def _align_check(images: str | None, n_images: int, skip: bool):
+    from ..merge import AlignCheck
+
+    return None if skip else AlignCheck(images, n_images)
+
+
 @click.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,
@@ -18,28 +34,34 @@ import click
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="torch threads for the merge math [default: 1 for row-chunked methods, all cores otherwise].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_align_options
 def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_foreign: bool, no_checksums: bool,
-              threads: int | None, quiet: bool) -> None:
+              threads: int | None, quiet: bool, images: str | None, n_images: int, no_align_check: bool) -> None:
     """Merge the members' LLMs (mergekit methods, streamed tensor by tensor) and keep every
-    member's vision branch: writes OUT/llm, OUT/members/<name>, OUT/fuse_config.json."""
+    member's vision branch: writes OUT/llm, OUT/members/<name>, OUT/fuse_config.json.
+
+    First checks that the members' visual tokens are aligned (a warning, not a refusal, when not)."""
     from ..merge import run_merge
     from ..recipe import load_recipe
 
     r = load_recipe(recipe)
     run_merge(r, out=out, force=force, dry_run=dry_run, allow_foreign=allow_foreign, progress=not quiet,
-              checksums=not no_checksums, echo=click.echo, threads=threads)
+              checksums=not no_checksums, echo=click.echo, threads=threads,
+              align=_align_check(images, n_images, no_align_check))
 
 
 @click.command("check")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--allow-foreign", is_flag=True, help="Report far-away members as allowed instead of refused.")
-def check_cmd(recipe: str, allow_foreign: bool) -> None:
-    """Family check of a recipe: table of member, format, vocab rows, distance to the base, verdict."""
+@_align_options
+def check_cmd(recipe: str, allow_foreign: bool, images: str | None, n_images: int, no_align_check: bool) -> None:
+    """Family check of a recipe: table of member, format, vocab rows, distance to the base, verdict;
+    then whether the members' visual tokens are aligned (relative to random-projector controls)."""
     from ..merge import check_recipe
     from ..recipe import load_recipe
 
     r = load_recipe(recipe)
-    check_recipe(r, allow_foreign=allow_foreign, echo=click.echo)
+    check_recipe(r, allow_foreign=allow_foreign, echo=click.echo, align=_align_check(images, n_images, no_align_check))
     click.echo(f"family check passed: {len(r.members)} member(s), method {r.merge.method}")
 
 

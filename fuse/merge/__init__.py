@@ -16,7 +16,7 @@ plain HF checkpoint).
 from .family import MAX_DISTANCE, FamilyReport, check_family
 from .methods import MERGE_METHODS, MergeError, TensorMerger, method_info
 from .plan import MergePlan, build_plan
-from .run import MergeResult, check_recipe, prepare, run_merge
+from .run import AlignCheck, MergeResult, check_alignment, check_recipe, prepare, run_merge
 
-__all__ = ["MAX_DISTANCE", "MERGE_METHODS", "FamilyReport", "MergeError", "MergePlan", "MergeResult", "TensorMerger",
-           "build_plan", "check_family", "check_recipe", "method_info", "prepare", "run_merge"]
+__all__ = ["MAX_DISTANCE", "MERGE_METHODS", "AlignCheck", "FamilyReport", "MergeError", "MergePlan", "MergeResult",
+           "TensorMerger", "build_plan", "check_alignment", "check_family", "check_recipe", "method_info", "prepare", "run_merge"]

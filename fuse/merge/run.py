@@ -169,20 +169,33 @@ def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
             raise CheckpointError(f"{out}: output overlaps the input {field} ({src}); choose another output directory")
 
 
+@dataclass
+class AlignCheck:
+    """Run the visual-token alignment check (:mod:`fuse.alignment`) after the family check, on ``n``
+    images of the directory ``images`` (or the built-in probe images). It warns, never refuses."""
+
+    images: str | None = None
+    n: int = 32
+
+
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
               allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
-              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
+              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None,
+              align: AlignCheck | None = None) -> MergeResult:
     """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``).
 
     The sources' SHA-256 is computed in a background thread started before anything else
-    (:func:`_start_checksums`), so it overlaps the family check as well as the merge."""
+    (:func:`_start_checksums`), so it overlaps the family check as well as the merge. With
+    ``align`` the members' visual tokens are checked for alignment first; a misaligned family gets
+    a warning (and the verdict is recorded in ``fuse_config.json``), the merge goes on."""
     t0 = time.perf_counter()
     out = Path(out or recipe.output.dir)
     if out.exists() and not force and not dry_run:
         raise CheckpointError(f"{out}: output exists (use --force to replace it)")
     sums = _start_checksums(recipe) if checksums and not dry_run else None
     try:
-        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0)
+        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0,
+                          align)
     except BaseException:
         if sums is not None:
             sums.cancel()
@@ -191,8 +204,9 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
 
 def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_foreign: bool, progress: bool,
                echo: Echo, chunk_bytes: int | None, threads: int | None, sums: BackgroundChecksums | None,
-               t0: float) -> MergeResult:
+               t0: float, align: AlignCheck | None = None) -> MergeResult:
     prep = prepare(recipe, allow_foreign, echo=echo)
+    verdict = check_alignment(recipe, align, echo) if align is not None else None
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
     _refuse_overlap(out, inputs)
@@ -217,6 +231,8 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
             save_vision_branches(recipe, members, tmp / "members")
             sources = sums.result() if sums else {}
             fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+            if verdict is not None:
+                fcfg["alignment"] = verdict.to_dict()
             (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
             (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
                                                          "architectures": ["FusedModel"], **fcfg}, indent=2))
@@ -244,12 +260,30 @@ def _start_checksums(recipe: Recipe) -> BackgroundChecksums | None:
     return BackgroundChecksums(dirs) if all(d.is_dir() for d in dirs) else None
 
 
-def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print) -> FamilyReport:
-    """``fuse check``: print the family table; raise FamilyError if the merge would be refused."""
+def check_alignment(recipe: Recipe, align: AlignCheck, echo: Echo = print, merging: bool = True):
+    """Print the alignment verdict of the recipe's members; a ``warning:`` line when they are not aligned."""
+    from ..alignment import recipe_alignment
+
+    verdict = recipe_alignment(recipe, align.images, align.n)
+    for line in verdict.lines():
+        echo(line)
+    if not verdict.aligned:
+        echo("warning: the members' visual tokens are not aligned (their projectors do not write into one "
+             "shared LLM input space); a fused model is unlikely to beat its members. "
+             + ("Merging anyway." if merging else "`fuse merge` will warn, not refuse."))
+    return verdict
+
+
+def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print,
+                 align: AlignCheck | None = None) -> FamilyReport:
+    """``fuse check``: print the family table (and, with ``align``, the alignment verdict); raise
+    FamilyError if the merge would be refused (a misaligned family is reported, never refused)."""
     prep = prepare(recipe, allow_foreign, echo=echo, raise_bad=False)
     prep.report.raise_if_bad(recipe.label, allow_foreign)
+    if align is not None:
+        check_alignment(recipe, align, echo, merging=False)
     return prep.report
 
 
-__all__ = ["MergeResult", "Prepared", "check_recipe", "merge_llm", "prepare", "run_merge",
+__all__ = ["AlignCheck", "MergeResult", "Prepared", "check_alignment", "check_recipe", "merge_llm", "prepare", "run_merge",
            "save_vision_branches"]
