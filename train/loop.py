@@ -201,6 +201,8 @@ class Trainer:
         self.tokenizer = tok
         model = CommModel(branch.fusion, llm)
         self.trainable_names = set_trainable(model, cfg.trainable)
+        # before FSDP shards them; ZeRO-3 may have partitioned the LLM at load (ds_numel = full size)
+        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.raw_model = model
 
     def _build_data(self) -> None:
@@ -361,8 +363,7 @@ class Trainer:
         log = RunLogger(self.out, main, self.total_steps, self.step_idx, cfg.tensorboard, cfg.progress)
         if self.step_idx == 0:
             log.event(0, "start", fusion=self.branch.fusion.spec.type, visual_tokens=self.branch.num_tokens,
-                      trainable=cfg.trainable, n_trainable=sum(p.numel() for p in self.raw_model.parameters()
-                                                               if p.requires_grad),
+                      trainable=cfg.trainable, n_trainable=self.n_trainable,
                       records=self.train_ds.total_records, usable=len(self.train_ds),
                       bad_records=self.train_ds.bad.total, steps=self.total_steps, global_batch=self.global_batch,
                       accumulation=self.accum, processes=self.P, dropped_per_epoch=self.dropped_per_epoch,
