@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,10 +11,6 @@ import torch
 # oversubscribed threads, and keeps CPU results reproducible.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process / longer test (still run in CI; < 60 s)")
 
 
 @pytest.fixture(scope="session")
@@ -80,24 +73,3 @@ def yaml_file():
     """``yaml_file(path, dict)`` writes a config YAML and returns the path."""
     return write_yaml
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def launch():
-    """``launch(*args, timeout=300)``: ``accelerate launch --main_process_port <free port> *args``.
-
-    One intra-op thread per process, offline; returns the finished ``CompletedProcess``.
-    """
-
-    def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
-               "--main_process_port", str(_free_port()), *args]
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-
-    return run
