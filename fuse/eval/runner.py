@@ -157,7 +157,8 @@ def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config:
                    "parts": {name: str(p) for name, _, p in parts},
                    "prompts": {"short_answer": SHORT_ANSWER, "multiple_choice": OPTION_LETTER}},
         "timing": {"eval_s": round(wall, 4), "generate_s": round(gen_s, 4),
-                   "samples_per_s": round(n / wall, 3) if wall > 0 else None, "processes": shard.world, "samples_per_process": shard.gather(mine)},
+                   "samples_per_s": round(n / wall, 3) if wall > 0 else None,
+                   "processes": shard.world, "samples_per_process": shard.gather(mine)},
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

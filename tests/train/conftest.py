@@ -72,4 +72,3 @@ def cli():
 def yaml_file():
     """``yaml_file(path, dict)`` writes a config YAML and returns the path."""
     return write_yaml
-

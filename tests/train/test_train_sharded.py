@@ -10,7 +10,7 @@ checkpoint at step 2, then a second launch resumes that checkpoint. Checked:
   scatters flat shards): tolerance 1e-5 relative on each loss, 1e-5 absolute on weights;
 - the step-2 checkpoint is sharded (one optimizer shard per rank) and resuming it gives
   the uninterrupted run's step-3 loss and final weights bit for bit;
-- the final directory loads as a ``comm`` member and its tensors are the trained weights.
+- the final directory loads as a ``comm`` member whose visual tokens match the one-process model's.
 
 CPU settings derived from the shipped files (the files themselves stay GPU settings):
 ``num_processes: 2``; ZeRO-3 ``stage3_param_persistence_threshold: 0`` (the shipped 40960
@@ -31,7 +31,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fuse.checkpoint import LazyCheckpoint
+from fuse.images import load_image
 from fuse.members import load_member
 from train.api import train
 from train.logs import read_log
@@ -80,7 +80,8 @@ def one_process(tmp_path_factory, toy_cfg):
 
 
 @pytest.mark.parametrize("engine", [pytest.param("zero2", marks=SLOW), "zero3", "fsdp"])
-def test_engine_matches_one_process_and_resumes_exactly(engine, tmp_path, toy_cfg, yaml_file, launch, one_process):
+def test_engine_matches_one_process_and_resumes_exactly(engine, tmp_path, toy_cfg, toy_data, yaml_file, launch,
+                                                       one_process):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install -e '.[deepspeed]')")
     acc_cfg = cpu_config(engine, tmp_path)
@@ -102,12 +103,13 @@ def test_engine_matches_one_process_and_resumes_exactly(engine, tmp_path, toy_cf
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5)
 
-    # the checkpoint is sharded: one optimizer shard per rank
+    # the checkpoint is sharded: one optimizer shard per rank (DeepSpeed: zero_pp_rank_R_*optim_states.pt;
+    # FSDP: DCP files __R_0.distcp under optimizer_0/)
     ckpt = tmp_path / "a/checkpoints/step-0000002"
-    files = sorted(p.name for p in (ckpt / "accelerate").rglob("*") if p.is_file())
-    shards = [f for f in files if "optim" in f or f.endswith(".distcp")]
-    assert any("rank_0" in f or f.startswith("__0_") for f in shards), files
-    assert any("rank_1" in f or f.startswith("__1_") for f in shards), files
+    files = sorted(str(p.relative_to(ckpt)) for p in (ckpt / "accelerate").rglob("*") if p.is_file())
+    for rank in (0, 1):
+        assert any(f"pp_rank_{rank}_" in f and "optim" in f or f.endswith(f"optimizer_0/__{rank}_0.distcp")
+                   for f in files), files
 
     # resume the step-2 checkpoint in a second launch: bit-identical to the uninterrupted run
     proc = launch("--config_file", str(acc_cfg), str(LAUNCHER), "comm", "-c", str(run_cfg), "-o", str(tmp_path / "b"),
@@ -118,11 +120,11 @@ def test_engine_matches_one_process_and_resumes_exactly(engine, tmp_path, toy_cf
     full = load_file(str(tmp_path / "a/final/model.safetensors"))
     assert all(torch.equal(resumed[k], full[k]) for k in full)
 
-    # the final weights are a `comm` member
-    m = load_member(tmp_path / "a/final")
+    # the final weights are a `comm` member whose visual tokens are the one-process model's
+    m, m_ref = load_member(tmp_path / "a/final"), load_member(one_process.final_dir)
     assert m.format == "comm" and m.vision.kind == "comm"
-    reader = LazyCheckpoint(tmp_path / "a/final")
-    assert all(torch.equal(reader.get(k), full[k]) for k in full)
+    img = load_image(toy_data[1] / "0000.png")
+    torch.testing.assert_close(m.visual_tokens([img])[0], m_ref.visual_tokens([img])[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
