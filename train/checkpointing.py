@@ -117,10 +117,43 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], k
     return final
 
 
-def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """Check compatibility, restore model/optimizer/scheduler/RNG, return the trainer state."""
+def init_optimizer_state(optimizer) -> None:
+    """Create every parameter's optimizer state (zeros; weights unchanged) before a restore.
+
+    accelerate restores an FSDP ``SHARDED_STATE_DICT`` optimizer by asking
+    ``torch.distributed.checkpoint`` to fill in the optimizer's *current* state dict. A fresh
+    AdamW has no per-parameter state until its first step, so only the hyper-parameters
+    would come back: the moments and step count would silently restart from zero (the
+    resumed run then drifts by about one learning rate per weight on its first step).
+    One step at learning rate 0 with zero gradients creates the state without moving a
+    weight (AdamW: ``p *= 1 - lr * wd`` and ``p -= lr * m / (sqrt(v) + eps)`` with ``lr = 0``).
+    """
+    import torch
+
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any], optimizer=None) -> dict[str, Any]:
+    """Check compatibility, restore model/optimizer/scheduler/RNG, return the trainer state.
+
+    ``optimizer`` (the torch optimizer under accelerate's wrapper) gets its state created
+    first under FSDP (see :func:`init_optimizer_state`).
+    """
+    from accelerate.utils import DistributedType
+
     state = read_state(ckpt)
     check_compatible(ckpt, state, expected)
+    if optimizer is not None and accelerator.distributed_type == DistributedType.FSDP:
+        init_optimizer_state(optimizer)
     try:
         accelerator.load_state(str(ckpt / ACCELERATE_DIR))
     except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
@@ -129,4 +162,4 @@ def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any]) -> dict[s
 
 
 __all__ = ["ACCELERATE_DIR", "CHECKPOINTS", "STATE_FILE", "check_compatible", "checkpoint_name", "find_checkpoint",
-           "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint"]
+           "init_optimizer_state", "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint"]

@@ -40,6 +40,7 @@ from .checkpointing import CHECKPOINTS, find_checkpoint, load_checkpoint, save_c
 from .config import TrainConfig
 from .data import (IGNORE, BadSamples, Collator, ConversationDataset, ConversationEncoder, ListBatchSampler,
                    eval_micro_batches, rank_micro_batches, step_batches)
+from .engines import accelerator_kwargs, check_engine, engine_name
 from .fusion import build_branch, encoder_dtype
 from .logs import RunLogger
 from .model import CommModel, load_llm, read_previous_stage, set_trainable
@@ -70,7 +71,8 @@ def make_accelerator(cfg: TrainConfig):
     """A fresh ``Accelerator`` for this run (state singletons reset so several runs can share a process).
 
     Without CUDA it runs on CPU; under ``accelerate launch --multi_gpu`` / torchrun that is
-    multi-process CPU training over gloo.
+    multi-process CPU training over gloo (DDP), and with a DeepSpeed config DeepSpeed's CPU
+    accelerator over gloo (see :mod:`train.engines`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -78,8 +80,9 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                      step_scheduler_with_optimizer=False)
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False,
+                      **accelerator_kwargs())
+    check_engine(acc)
     num_processes = acc.num_processes
     accum = cfg.accumulation_steps(num_processes)
     acc.gradient_accumulation_steps = accum
@@ -198,6 +201,8 @@ class Trainer:
         self.tokenizer = tok
         model = CommModel(branch.fusion, llm)
         self.trainable_names = set_trainable(model, cfg.trainable)
+        # before FSDP shards them; ZeRO-3 may have partitioned the LLM at load (ds_numel = full size)
+        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.raw_model = model
 
     def _build_data(self) -> None:
@@ -237,7 +242,7 @@ class Trainer:
                 "global_batch_size": self.global_batch, "total_steps": self.total_steps}
 
     def _resume(self, ckpt: Path) -> None:
-        state = load_checkpoint(self.acc, ckpt, self.expected_state())
+        state = load_checkpoint(self.acc, ckpt, self.expected_state(), self.optimizer.optimizer)
         self.step_idx = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.runtime_bad = int(state.get("runtime_bad", 0))
@@ -358,11 +363,11 @@ class Trainer:
         log = RunLogger(self.out, main, self.total_steps, self.step_idx, cfg.tensorboard, cfg.progress)
         if self.step_idx == 0:
             log.event(0, "start", fusion=self.branch.fusion.spec.type, visual_tokens=self.branch.num_tokens,
-                      trainable=cfg.trainable, n_trainable=sum(p.numel() for p in self.raw_model.parameters()
-                                                               if p.requires_grad),
+                      trainable=cfg.trainable, n_trainable=self.n_trainable,
                       records=self.train_ds.total_records, usable=len(self.train_ds),
                       bad_records=self.train_ds.bad.total, steps=self.total_steps, global_batch=self.global_batch,
-                      accumulation=self.accum, processes=self.P, dropped_per_epoch=self.dropped_per_epoch)
+                      accumulation=self.accum, processes=self.P, dropped_per_epoch=self.dropped_per_epoch,
+                      engine=engine_name(acc))
         else:
             log.event(self.step_idx, "resume", checkpoint=str(self.resume_from))
         last_ckpt = None

@@ -8,11 +8,6 @@ loss and 1e-5 (absolute) on the final weights.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,26 +18,18 @@ from train.logs import read_log
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_cpu_processes_match_one(tmp_path, toy_cfg, yaml_file):
+def test_two_cpu_processes_match_one(tmp_path, toy_cfg, yaml_file, launch):
     over = dict(max_steps=3, global_batch_size=4, lr=1e-2)
     one = train(toy_cfg(tmp_path / "one", per_device_batch_size=4, **over))
     y = yaml_file(tmp_path / "two.yaml", toy_cfg(tmp_path / "two", per_device_batch_size=2, **over))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     # --multi_gpu selects accelerate's torchrun launcher; without CUDA the trainer's Accelerator(cpu=True)
     # joins a gloo process group (accelerate's --cpu launcher would need MPI for 2 processes)
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "train", "comm", "-c", str(y)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "-m", "train", "comm", "-c", str(y), timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     start = next(r for r in read_log(tmp_path / "two") if r.get("event") == "start")
     assert start["processes"] == 2 and start["accumulation"] == 1 and start["global_batch"] == 4
+    assert start["engine"] == "MULTI_CPU"
     two = [r["loss"] for r in read_log(tmp_path / "two") if "loss" in r and "event" not in r]
     assert len(two) == 3
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one.losses), rtol=1e-5, atol=0)
