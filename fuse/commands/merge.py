@@ -17,9 +17,12 @@ import click
 @click.option("--no-checksums", is_flag=True, help="Skip the SHA-256 of the source files in fuse_config.json.")
 @click.option("-j", "--threads", type=click.IntRange(min=1), default=None,
               help="torch threads for the merge math [default: 1 for row-chunked methods, all cores otherwise].")
+@click.option("--kernel", type=click.Choice(["auto", "mergekit"]), default="auto", show_default=True,
+              help="auto: mergekit's task_arithmetic/linear formula replayed in reused buffers (bit-identical, "
+                   "checked against mergekit on every tensor); mergekit: call mergekit for every row chunk.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_foreign: bool, no_checksums: bool,
-              threads: int | None, quiet: bool) -> None:
+              threads: int | None, kernel: str, quiet: bool) -> None:
     """Merge the members' LLMs (mergekit methods, streamed tensor by tensor) and keep every
     member's vision branch: writes OUT/llm, OUT/members/<name>, OUT/fuse_config.json."""
     from ..merge import run_merge
@@ -27,7 +30,7 @@ def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_fo
 
     r = load_recipe(recipe)
     run_merge(r, out=out, force=force, dry_run=dry_run, allow_foreign=allow_foreign, progress=not quiet,
-              checksums=not no_checksums, echo=click.echo, threads=threads)
+              checksums=not no_checksums, echo=click.echo, threads=threads, kernel=kernel)
 
 
 @click.command("check")

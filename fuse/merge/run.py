@@ -28,6 +28,7 @@ from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
 from .plan import MergePlan, TensorJob, build_plan, dtype_name
 from .reader import RowReader
+from .threads import torch_threads
 from .sources import BaseInput, MemberInput, open_base, open_members
 from .vision import save_vision_branches
 from .writer import StreamingShardWriter
@@ -83,27 +84,25 @@ def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: S
 
 def merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
               directory: Path, display_dir: Path | None = None, progress: bool = True,
-              threads: int | None = None, workers: int | None = None) -> int:
+              threads: int | None = None, workers: int | None = None, kernel: str = "auto") -> int:
     """Merge every planned tensor into ``directory`` (streaming). Returns bytes written.
 
     ``threads``: torch intra-op threads during the merge. Default: 1 for row-chunked merges
     (cache-sized, memory-bound element-wise math gains nothing from more threads and loses a lot
     on a busy machine), torch's default for whole-tensor methods (TIES/DARE top-k, sampling).
+    ``kernel``: ``auto`` (mergekit's formula replayed in reused buffers where
+    :mod:`fuse.merge.kernels` has it, checked against mergekit) or ``mergekit`` (call it per piece).
     ``workers``: row-chunked merges of deterministic methods merge this many chunks at once, each
     on its own thread (default: one per CPU core left after the writer thread, at most
     ``MAX_WORKERS``); otherwise one.
     """
-    saved_threads = torch.get_num_threads()
-    n_threads = threads or (1 if plan.chunked else saved_threads)
-    torch.set_num_threads(n_threads)
-    try:
-        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress, workers)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with torch_threads(threads or (1 if plan.chunked else torch.get_num_threads())):
+        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress, workers, kernel)
 
 
 def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
-               directory: Path, display_dir: Path | None, progress: bool, workers: int | None = None) -> int:
+               directory: Path, display_dir: Path | None, progress: bool, workers: int | None = None,
+               kernel: str = "auto") -> int:
     """Read -> mergekit -> finiteness check -> write, piece by piece (:mod:`fuse.merge.pipeline`).
 
     Row-chunked plans: worker threads read chunks into reusable buffers and merge them while a
@@ -116,7 +115,7 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
 
     merger = TensorMerger(recipe.merge.method, [m.name for m in members], [m.weight for m in members],
                           [m.spec.density for m in members], recipe.merge.parameters, plan.compute_dtype,
-                          with_base=plan.with_base)
+                          with_base=plan.with_base, kernel=kernel)
     writer = StreamingShardWriter(directory, [(j.name, j.shape, j.out_dtype) for j in plan.jobs], plan.max_shard_bytes,
                                   display_dir=display_dir)
     parts = [m.llm for m in members] + ([base.llm] if plan.with_base else [])
@@ -171,7 +170,8 @@ def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
 
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
               allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
-              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
+              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None,
+              kernel: str = "auto") -> MergeResult:
     """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``).
 
     The sources' SHA-256 is computed in a background thread started before anything else
@@ -182,7 +182,8 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
         raise CheckpointError(f"{out}: output exists (use --force to replace it)")
     sums = _start_checksums(recipe) if checksums and not dry_run else None
     try:
-        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0)
+        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0,
+                          kernel)
     except BaseException:
         if sums is not None:
             sums.cancel()
@@ -191,7 +192,7 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
 
 def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_foreign: bool, progress: bool,
                echo: Echo, chunk_bytes: int | None, threads: int | None, sums: BackgroundChecksums | None,
-               t0: float) -> MergeResult:
+               t0: float, kernel: str = "auto") -> MergeResult:
     prep = prepare(recipe, allow_foreign, echo=echo)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
@@ -209,7 +210,7 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     with atomic_output_dir(out, force=force) as tmp:
         try:
             merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
-                      threads=threads)
+                      threads=threads, kernel=kernel)
             cfg = llm_config(members[text_index], plan, eos)
             (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
             (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
