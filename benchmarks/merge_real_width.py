@@ -235,34 +235,38 @@ def main() -> None:
           f"{args.heads}/{args.kv_heads} heads; {len(info['shapes'])} LLM tensors; {args.method}, float32 math, "
           f"bfloat16 out; fuse reads {in_gb:.2f} GB, mergekit {mk_gb:.2f} GB", flush=True)
     read_files(fuse_inputs + (mk_inputs if "mergekit" in tools else []))  # warm the page cache for both tools
-    results: dict[str, list[tuple[float, float]]] = {t: [] for t in tools}
+    results: dict[str, list[tuple[float, float, float]]] = {t: [] for t in tools}
     reads: list[float] = []
     for r in range(args.rounds):
         order = tools if r % 2 == 0 else tools[::-1]
         for tool in order:
             shutil.rmtree(out_f if tool == "fuse" else out_m, ignore_errors=True)
-            wall, rss = run_measured(cmds[tool])
-            results[tool].append((wall, rss))
-            print(f"round {r + 1}  {tool:9s} {wall:7.2f} s  peak RSS {rss / 1024:6.2f} GiB", flush=True)
+            wall, rss, cpu = run_measured(cmds[tool])
+            results[tool].append((wall, rss, cpu))
+            print(f"round {r + 1}  {tool:9s} {wall:7.2f} s  CPU {cpu:7.2f} s  peak RSS {rss / 1024:6.2f} GiB",
+                  flush=True)
         sec, n = read_files(fuse_inputs)
         reads.append(n / sec / 1e9)
         print(f"round {r + 1}  page-cache read of fuse's {n / 1e9:.2f} GB: {sec:.2f} s ({n / sec / 1e9:.1f} GB/s)",
               flush=True)
     print()
-    fw = [w for w, _ in results["fuse"]]
+    fw = [w for w, _, _ in results["fuse"]]
+    fc = [c for _, _, c in results["fuse"]]
     print(f"fuse merge     wall {statistics.median(fw):.2f} s (runs {', '.join(f'{w:.2f}' for w in fw)}), "
-          f"peak RSS {statistics.median(m for _, m in results['fuse']) / 1024:.2f} GiB")
+          f"CPU {statistics.median(fc):.2f} s, peak RSS {statistics.median(m for _, m, _ in results['fuse']) / 1024:.2f} GiB")
     print(f"throughput     fuse merge {in_gb / statistics.median(fw):.2f} GB/s of input (whole process) vs "
           f"page-cache read {statistics.median(reads):.1f} GB/s")
     if "mergekit" in results:
-        mw = [w for w, _ in results["mergekit"]]
+        mw = [w for w, _, _ in results["mergekit"]]
+        mc = [c for _, _, c in results["mergekit"]]
         ratios = [a / b for a, b in zip(fw, mw)]
         rss = [a[1] / b[1] for a, b in zip(results["fuse"], results["mergekit"])]
         print(f"mergekit-yaml  wall {statistics.median(mw):.2f} s (runs {', '.join(f'{w:.2f}' for w in mw)}), "
-              f"peak RSS {statistics.median(m for _, m in results['mergekit']) / 1024:.2f} GiB, "
+              f"CPU {statistics.median(mc):.2f} s, "
+              f"peak RSS {statistics.median(m for _, m, _ in results['mergekit']) / 1024:.2f} GiB, "
               f"{mk_gb / statistics.median(mw):.2f} GB/s")
         print(f"ratio          time {statistics.median(ratios):.3f} (per round {', '.join(f'{x:.3f}' for x in ratios)}), "
-              f"RSS {statistics.median(rss):.4f}")
+              f"CPU {statistics.median(a / b for a, b in zip(fc, mc)):.3f}, RSS {statistics.median(rss):.4f}")
         same = identical(out_f / "llm", out_m)
         print(f"OUT/llm bit-identical to mergekit-yaml: {'yes' if same else 'NO'}")
     print(f"load average {os.getloadavg()[0]:.1f} at end")

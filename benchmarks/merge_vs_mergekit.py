@@ -74,8 +74,9 @@ def write_configs(root: Path, info: dict) -> tuple[Path, Path]:
     return root / "recipe.yaml", root / "mergekit.yml"
 
 
-def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process (wait4 gives that child's own rusage)."""
+def run_measured(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS MiB, CPU seconds user + system) of one child process (wait4 gives
+    that child's own rusage; CPU time says more than wall time on a busy machine)."""
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
@@ -84,7 +85,7 @@ def run_measured(cmd: list[str]) -> tuple[float, float]:
     p.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return wall, ru.ru_maxrss / 1024
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
 
 
 def largest_tensor_bytes(path: str) -> int:
@@ -154,7 +155,7 @@ def main() -> None:
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
-    dry_wall, dry_rss = run_measured(fuse_bin + ["merge", str(recipe), "-o", str(out_f), "--dry-run"])
+    dry_wall, dry_rss, _ = run_measured(fuse_bin + ["merge", str(recipe), "-o", str(out_f), "--dry-run"])
     imports = {"fuse": [sys.executable, "-c", "import fuse.cli, fuse.merge.run"],
                "mergekit": [sys.executable, "-c", "import mergekit.scripts.run_yaml"]}
     results: dict[str, list[tuple[float, float]]] = {"fuse": [], "mergekit": []}
@@ -163,7 +164,7 @@ def main() -> None:
         order = ["fuse", "mergekit"] if r % 2 == 0 else ["mergekit", "fuse"]
         for tool in order:
             shutil.rmtree(out_f if tool == "fuse" else out_m, ignore_errors=True)
-            wall, rss = run_measured(cmds[tool])
+            wall, rss, _ = run_measured(cmds[tool])
             results[tool].append((wall, rss))
             imp = run_measured(imports[tool])[0] if args.import_baseline else 0.0
             import_s[tool].append(imp)
