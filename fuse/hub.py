@@ -116,7 +116,7 @@ def _progress(enabled: bool) -> Iterator[None]:
 
 
 def _login_hint() -> str:
-    return "log in with `hf auth login` (or set HF_TOKEN)"
+    return "log in with `hf auth login` or set HF_TOKEN"
 
 
 def hub_error(repo: str, e: BaseException, offline: bool, cache: str) -> CheckpointError:
@@ -160,8 +160,9 @@ def _snapshot(repo: str, patterns: list[str], offline: bool, cache_dir: str | No
                                          cache_dir=cache_dir, local_files_only=offline))
 
 
-def cached_snapshot(repo: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
-    """The cached snapshot of ``repo`` when its weights are complete in the local cache (no network), else None."""
+def cached_snapshot(repo: str, cache_dir: str | os.PathLike | None = None, weights: bool = True) -> Path | None:
+    """The cached snapshot of ``repo`` (no network): with ``weights``, only when its safetensors
+    weights are complete; otherwise any snapshot with a ``config.json``. None when there is none."""
     import huggingface_hub as hf
     from huggingface_hub import errors
 
@@ -171,7 +172,7 @@ def cached_snapshot(repo: str, cache_dir: str | os.PathLike | None = None) -> Pa
                                          cache_dir=cache_location(cache_dir)))
     except (errors.LocalEntryNotFoundError, OSError, ValueError):
         return None
-    return path if (path / "config.json").is_file() and weights_present(path) else None
+    return path if (path / "config.json").is_file() and (not weights or weights_present(path)) else None
 
 
 def remote_headers(repo: str, revision: str | None) -> dict[str, dict]:
@@ -192,15 +193,15 @@ def data_bytes(header: dict) -> int:
     return max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
 
 
-def local_model(source: str, cache_dir: str | os.PathLike | None = None) -> ModelFiles | None:
-    """``source`` as a local directory, or as a snapshot complete in the hub cache; None when it
-    would need the network (no network call here)."""
+def local_model(source: str, cache_dir: str | os.PathLike | None = None, weights: bool = True) -> ModelFiles | None:
+    """``source`` as a local directory, or as a snapshot in the hub cache (complete safetensors
+    weights unless ``weights=False``); None when it would need the network (no network call here)."""
     p = Path(source)
     if p.exists():
         return ModelFiles(str(source), p)
     if not HUB_ID.fullmatch(str(source)):
         raise CheckpointError(f"{source}: no such checkpoint directory")
-    done = cached_snapshot(str(source), cache_dir)
+    done = cached_snapshot(str(source), cache_dir, weights)
     return ModelFiles(str(source), done, str(source), cache=cache_location(cache_dir)) if done is not None else None
 
 

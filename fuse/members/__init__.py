@@ -41,13 +41,13 @@ def _load_plugins() -> None:
 
 
 def resolve_path(source: str | os.PathLike) -> Path:
-    """A local checkpoint directory for ``source``: a path, or a hub id whose safetensors weights are
-    complete in the local Hugging Face cache (no download here; recipes download, see :mod:`fuse.hub`)."""
+    """A local checkpoint directory for ``source``: a path, or a hub id already in the local Hugging
+    Face cache (no download here; recipes download, see :mod:`fuse.hub`)."""
     from ..hub import local_model
 
-    found = local_model(str(source))
+    found = local_model(str(source), weights=False)
     if found is None:
-        raise CheckpointError(f"{source}: not a local directory and not (fully) in the local Hugging Face cache; "
+        raise CheckpointError(f"{source}: not a local directory and not in the local Hugging Face cache; "
                               f"download it first (`hf download {source}`) or name it in a recipe "
                               "(`fuse merge` downloads hub models)")
     return found.path

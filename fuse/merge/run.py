@@ -20,7 +20,7 @@ import torch
 from ..checkpoint import atomic_output_dir
 from ..errors import CheckpointError
 from ..recipe import Recipe
-from ..hub import recipe_sources, resolve_recipe
+from ..hub import resolve_recipe
 from .checksums import BackgroundChecksums, start_checksums
 from .family import FamilyReport, check_family
 from .methods import MergeError, TensorMerger
@@ -29,8 +29,8 @@ from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
 from .plan import MergePlan, TensorJob, build_plan, dtype_name
 from .reader import RowReader
-from .threads import torch_threads
 from .sources import BaseInput, MemberInput, Models, open_base, open_members
+from .threads import torch_threads
 from .vision import save_vision_branches
 from .writer import StreamingShardWriter
 
@@ -188,17 +188,17 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
     already started by the caller is used as is; False skips them."""
     t0 = time.perf_counter()
     out = Path(out or recipe.output.dir)
-    if out.exists() and not force and not dry_run:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
     sums = checksums if isinstance(checksums, BackgroundChecksums) else None
     try:
-        hub = dict(offline=offline, cache_dir=cache_dir, progress=progress, echo=echo)
-        models = models or resolve_recipe(recipe, weights=False, **hub)
+        if out.exists() and not force and not dry_run:
+            raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+        fetch = dict(offline=offline, cache_dir=cache_dir, progress=progress, echo=echo)
+        models = models or resolve_recipe(recipe, weights=False, **fetch)
         if not dry_run and not all(m.complete for m in models.values()):
             prepare(recipe, allow_foreign, models=models)  # configs + headers: refuse before downloading
             todo = sum(m.download_bytes for m in models.values())
             echo(f"family check on configs and headers passed; fetching {todo / 1e9:.2f} GB of weights")
-            models = resolve_recipe(recipe, weights=True, **hub)
+            models = resolve_recipe(recipe, weights=True, **fetch)
         if checksums is True and not dry_run:
             sums = start_checksums(models)
         return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0,
@@ -221,10 +221,10 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)
     if dry_run:
         echo(plan.describe(out))
-        todo = [(f, m) for f, src in recipe_sources(recipe) if not (m := models[src]).complete]
+        todo = [m for m in models.values() if not m.complete]
         if todo:
-            echo(f"  to download      {sum(m.download_bytes for _, m in todo) / 1e9:.2f} GB of weights "
-                 f"({', '.join(m.source for _, m in todo)}) into {todo[0][1].cache}")
+            echo(f"  to download      {sum(m.download_bytes for m in todo) / 1e9:.2f} GB of weights "
+                 f"({', '.join(m.source for m in todo)}) into {todo[0].cache}")
         if out.exists() and not force:
             echo(f"note: {out} exists; the real run needs --force")
         echo("dry run: nothing written")
