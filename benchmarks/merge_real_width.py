@@ -5,8 +5,8 @@ llava-hf members fine-tuned from it, at Llama-3-8B widths by default (vocab 1282
 MLP 14336, 32 heads, 8 KV heads; --layers decoder layers), in bfloat16; each member's LLM is also
 written as a plain LlamaForCausalLM dir for mergekit (same bytes). Both tools then merge with
 task_arithmetic (float32 math, bfloat16 out) alternately (round r: fuse first if r is even), each as
-a child process whose peak RSS is read with wait4(2), on a warm page cache. Printed: per-run wall
-and RSS, the median time and RSS ratios (fuse / mergekit), fuse's merge throughput (bytes it reads /
+a child process whose peak RSS and CPU time are read with wait4(2), each started right after its
+inputs were read once (warm page cache). Printed: per-run wall, CPU and RSS, the median time and RSS ratios (fuse / mergekit), fuse's merge throughput (bytes it reads /
 wall) next to a plain read of the same files from the page cache, and whether OUT/llm is bit-identical
 to mergekit's output.
 
@@ -234,21 +234,23 @@ def main() -> None:
     print(f"sizes: vocab {args.vocab}, hidden {args.hidden}, MLP {args.intermediate}, {args.layers} layers, "
           f"{args.heads}/{args.kv_heads} heads; {len(info['shapes'])} LLM tensors; {args.method}, float32 math, "
           f"bfloat16 out; fuse reads {in_gb:.2f} GB, mergekit {mk_gb:.2f} GB", flush=True)
-    read_files(fuse_inputs + (mk_inputs if "mergekit" in tools else []))  # warm the page cache for both tools
+    inputs = {"fuse": fuse_inputs, "mergekit": mk_inputs}
     results: dict[str, list[tuple[float, float, float]]] = {t: [] for t in tools}
     reads: list[float] = []
     for r in range(args.rounds):
         order = tools if r % 2 == 0 else tools[::-1]
         for tool in order:
             shutil.rmtree(out_f if tool == "fuse" else out_m, ignore_errors=True)
+            read_files(inputs[tool])  # each tool starts on a warm page cache (mergekit's RSS can evict it)
+            if tool == "fuse":
+                sec, n = read_files(fuse_inputs)
+                reads.append(n / sec / 1e9)
+                print(f"round {r + 1}  page-cache read of fuse's {n / 1e9:.2f} GB: {sec:.2f} s "
+                      f"({n / sec / 1e9:.1f} GB/s)", flush=True)
             wall, rss, cpu = run_measured(cmds[tool])
             results[tool].append((wall, rss, cpu))
             print(f"round {r + 1}  {tool:9s} {wall:7.2f} s  CPU {cpu:7.2f} s  peak RSS {rss / 1024:6.2f} GiB",
                   flush=True)
-        sec, n = read_files(fuse_inputs)
-        reads.append(n / sec / 1e9)
-        print(f"round {r + 1}  page-cache read of fuse's {n / 1e9:.2f} GB: {sec:.2f} s ({n / sec / 1e9:.1f} GB/s)",
-              flush=True)
     print()
     fw = [w for w, _, _ in results["fuse"]]
     fc = [c for _, _, c in results["fuse"]]

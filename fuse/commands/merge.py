@@ -48,7 +48,7 @@ def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_fo
 
     with startup_imports():
         r = load_recipe(recipe, check=False)  # no torch yet: mergekit's method specs are checked below
-        sums = None
+        sums = local = None
         if not (dry_run or no_checksums) and (force or not Path(out or r.output.dir).exists()):
             # every model already on disk: start hashing it now, while torch and mergekit import
             from ..hub import resolve_recipe
@@ -65,7 +65,7 @@ def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_fo
             raise
     run_merge(r, out=out, force=force, dry_run=dry_run, allow_foreign=allow_foreign, progress=not quiet,
               checksums=sums if sums is not None else not no_checksums, echo=click.echo, threads=threads,
-              kernel=kernel, offline=offline, cache_dir=cache_dir)
+              kernel=kernel, offline=offline, cache_dir=cache_dir, models=local)
 
 
 @click.command("check")
