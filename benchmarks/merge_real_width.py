@@ -6,9 +6,9 @@ MLP 14336, 32 heads, 8 KV heads; --layers decoder layers), in bfloat16; each mem
 written as a plain LlamaForCausalLM dir for mergekit (same bytes). Both tools then merge with
 task_arithmetic (float32 math, bfloat16 out) alternately (round r: fuse first if r is even), each as
 a child process whose peak RSS and CPU time are read with wait4(2), each started right after its
-inputs were read once (warm page cache). Printed: per-run wall, CPU and RSS, the median time and RSS ratios (fuse / mergekit), fuse's merge throughput (bytes it reads /
-wall) next to a plain read of the same files from the page cache, and whether OUT/llm is bit-identical
-to mergekit's output.
+inputs were read once (warm page cache). Printed: per-run wall, CPU and RSS; the median time, CPU
+and RSS ratios (fuse / mergekit); fuse's merge throughput (bytes it reads / wall) next to a plain
+read of the same files from the page cache; whether OUT/llm is bit-identical to mergekit's output.
 
     python benchmarks/merge_real_width.py                        # 2 layers: 3 GB per model (15 GB of inputs)
     python benchmarks/merge_real_width.py --layers 0             # embeddings + lm_head only
@@ -152,7 +152,8 @@ def write_configs(root: Path, info: dict, method: str) -> tuple[Path, Path]:
     import yaml
 
     weights = [0.5, 0.5]
-    recipe = {"base_model": info["base"], "members": [{"model": m, "weight": w} for m, w in zip(info["members"], weights)],
+    recipe = {"base_model": info["base"],
+              "members": [{"model": m, "weight": w} for m, w in zip(info["members"], weights)],
               "merge": {"method": method, "dtype": "float32", "out_dtype": "bfloat16"}}
     mk = {"merge_method": method, "base_model": info["base"], "dtype": "float32", "out_dtype": "bfloat16",
           "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(info["llms"], weights)]}
@@ -254,8 +255,9 @@ def main() -> None:
     print()
     fw = [w for w, _, _ in results["fuse"]]
     fc = [c for _, _, c in results["fuse"]]
+    f_rss = statistics.median(m for _, m, _ in results["fuse"]) / 1024
     print(f"fuse merge     wall {statistics.median(fw):.2f} s (runs {', '.join(f'{w:.2f}' for w in fw)}), "
-          f"CPU {statistics.median(fc):.2f} s, peak RSS {statistics.median(m for _, m, _ in results['fuse']) / 1024:.2f} GiB")
+          f"CPU {statistics.median(fc):.2f} s, peak RSS {f_rss:.2f} GiB")
     print(f"throughput     fuse merge {in_gb / statistics.median(fw):.2f} GB/s of input (whole process) vs "
           f"page-cache read {statistics.median(reads):.1f} GB/s")
     if "mergekit" in results:
@@ -267,7 +269,8 @@ def main() -> None:
               f"CPU {statistics.median(mc):.2f} s, "
               f"peak RSS {statistics.median(m for _, m, _ in results['mergekit']) / 1024:.2f} GiB, "
               f"{mk_gb / statistics.median(mw):.2f} GB/s")
-        print(f"ratio          time {statistics.median(ratios):.3f} (per round {', '.join(f'{x:.3f}' for x in ratios)}), "
+        per_round = ", ".join(f"{x:.3f}" for x in ratios)
+        print(f"ratio          time {statistics.median(ratios):.3f} (per round {per_round}), "
               f"CPU {statistics.median(a / b for a, b in zip(fc, mc)):.3f}, RSS {statistics.median(rss):.4f}")
         same = identical(out_f / "llm", out_m)
         print(f"OUT/llm bit-identical to mergekit-yaml: {'yes' if same else 'NO'}")

@@ -26,6 +26,7 @@ its downloads and checksums before torch is loaded).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -43,11 +44,6 @@ INDEX_NAME = "model.safetensors.index.json"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 Echo = Callable[[str], None]
-
-
-def is_hub_id(source: str) -> bool:
-    """``org/name`` that is not an existing local path."""
-    return HUB_ID.fullmatch(str(source)) is not None and not Path(source).exists()
 
 
 def offline_mode(offline: bool = False) -> bool:
@@ -119,6 +115,11 @@ def _login_hint() -> str:
     return "log in with `hf auth login` or set HF_TOKEN"
 
 
+def no_safetensors(repo: str) -> CheckpointError:
+    return CheckpointError(f"{repo}: the Hub has no safetensors weights for it (fuse never loads pickled "
+                           "*.bin/*.pt files); convert it to safetensors and give the local directory")
+
+
 def hub_error(repo: str, e: BaseException, offline: bool, cache: str) -> CheckpointError:
     """One line for a huggingface_hub failure on ``repo``: what happened and what to do."""
     from huggingface_hub import errors
@@ -132,8 +133,7 @@ def hub_error(repo: str, e: BaseException, offline: bool, cache: str) -> Checkpo
         return CheckpointError(f"{repo}: no such model on the Hugging Face Hub (check the id; for a private "
                                f"model {_login_hint()})")
     if isinstance(e, errors.NotASafetensorsRepoError):
-        return CheckpointError(f"{repo}: the Hub has no safetensors weights for it (fuse never loads pickled "
-                               "*.bin/*.pt files); convert it to safetensors and give the local directory")
+        return no_safetensors(repo)
     if isinstance(e, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or offline:
         if offline:
             return CheckpointError(f"{repo}: not (fully) in the local Hugging Face cache {cache} and offline mode is "
@@ -142,7 +142,7 @@ def hub_error(repo: str, e: BaseException, offline: bool, cache: str) -> Checkpo
         return CheckpointError(f"{repo}: cannot reach the Hugging Face Hub and the model is not in the local cache "
                                f"{cache}: check the network (or HF_ENDPOINT / proxy settings), or download it "
                                f"elsewhere and point HF_HOME at that cache")
-    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+    if isinstance(e, OSError) and getattr(e, "errno", None) == errno.ENOSPC:
         return CheckpointError(f"{repo}: disk full while downloading into {cache}")
     if isinstance(e, errors.HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", "?")
@@ -152,7 +152,7 @@ def hub_error(repo: str, e: BaseException, offline: bool, cache: str) -> Checkpo
     return CheckpointError(f"{repo}: download failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def _snapshot(repo: str, patterns: list[str], offline: bool, cache_dir: str | None, progress: bool) -> Path:
+def _snapshot(repo: str, patterns: list[str], offline: bool, cache_dir: str, progress: bool) -> Path:
     import huggingface_hub as hf
 
     with _progress(progress):
@@ -212,32 +212,29 @@ def resolve_model(source: str, weights: bool = True, offline: bool = False, cach
     if found is not None:
         return found
     repo, offline = str(source), offline_mode(offline)
-    cache = where = cache_location(cache_dir)  # read now: HF_HOME may have changed since huggingface_hub was imported
+    cache = cache_location(cache_dir)  # read now: HF_HOME may have changed since huggingface_hub was imported
     try:
         if weights:
             if echo is not None and not offline:
-                echo(f"downloading {repo} (safetensors weights, configs, tokenizer) into {where}")
+                echo(f"downloading {repo} (safetensors weights, configs, tokenizer) into {cache}")
             path = _snapshot(repo, META_PATTERNS + WEIGHT_PATTERNS, offline, cache, progress)
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"{repo}: the Hub repository has no config.json (not a transformers model)")
             if not weights_present(path):
-                if offline:
-                    raise hub_error(repo, FileNotFoundError(repo), True, where)
-                raise CheckpointError(f"{repo}: the Hub has no safetensors weights for it (fuse never loads pickled "
-                                      "*.bin/*.pt files); convert it to safetensors and give the local directory")
-            return ModelFiles(repo, path, repo, cache=where)
+                raise hub_error(repo, FileNotFoundError(repo), True, cache) if offline else no_safetensors(repo)
+            return ModelFiles(repo, path, repo, cache=cache)
         if offline:
-            raise hub_error(repo, FileNotFoundError(repo), True, where)
+            raise hub_error(repo, FileNotFoundError(repo), True, cache)
         path = _snapshot(repo, META_PATTERNS, False, cache, progress)
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{repo}: the Hub repository has no config.json (not a transformers model)")
         headers = remote_headers(repo, path.name if re.fullmatch(r"[0-9a-f]{40}", path.name) else None)
         todo = sum(data_bytes(h) for f, h in headers.items() if not (path / f).is_file())
-        return ModelFiles(repo, path, repo, headers=headers, download_bytes=todo, cache=where)
+        return ModelFiles(repo, path, repo, headers=headers, download_bytes=todo, cache=cache)
     except CheckpointError:
         raise
     except Exception as e:  # huggingface_hub / httpx errors -> one actionable line
-        raise hub_error(repo, e, offline, where) from None
+        raise hub_error(repo, e, offline, cache) from None
 
 
 def recipe_sources(recipe) -> list[tuple[str, str]]:
@@ -268,6 +265,6 @@ def resolve_recipe(recipe, weights: bool = True, offline: bool = False, cache_di
     return out
 
 
-__all__ = ["IGNORE_PATTERNS", "META_PATTERNS", "WEIGHT_PATTERNS", "ModelFiles", "cache_location", "cached_snapshot", "data_bytes",
-           "hub_error", "is_hub_id", "local_model", "offline_mode", "recipe_sources", "remote_headers", "resolve_model",
-           "resolve_recipe", "weights_present"]
+__all__ = ["IGNORE_PATTERNS", "META_PATTERNS", "WEIGHT_PATTERNS", "ModelFiles", "cache_location", "cached_snapshot",
+           "data_bytes", "hub_error", "local_model", "no_safetensors", "offline_mode", "recipe_sources",
+           "remote_headers", "resolve_model", "resolve_recipe", "weights_present"]

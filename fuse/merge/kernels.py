@@ -196,4 +196,5 @@ class KernelGuard:
         return kernel(members, base, out_dtype)
 
 
-__all__ = ["KERNELS", "KERNEL_CHOICES", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel", "same_bits"]
+__all__ = ["KERNELS", "KERNEL_CHOICES", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel",
+           "same_bits"]

@@ -156,5 +156,5 @@ def open_members(recipe: Recipe, keep_vision: bool = False, models: Models | Non
     return [open_member(recipe, i, keep_vision, models=models) for i in range(len(recipe.members))]
 
 
-__all__ = ["BaseInput", "MemberInput", "Models", "copies_vision", "model_files", "open_base", "open_member", "open_members",
-           "stored_vision_bytes", "vision_nbytes"]
+__all__ = ["BaseInput", "MemberInput", "Models", "copies_vision", "model_files", "open_base", "open_member",
+           "open_members", "stored_vision_bytes", "vision_nbytes"]
