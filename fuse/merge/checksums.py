@@ -97,4 +97,4 @@ def start_checksums(models: dict) -> BackgroundChecksums | None:
     return BackgroundChecksums([m.path for m in models.values()])
 
 
-__all__ = ["BackgroundChecksums", "start_checksums", "cached_sha256", "checksum_dir", "sha256_file", "source_files"]
+__all__ = ["BackgroundChecksums", "cached_sha256", "checksum_dir", "sha256_file", "source_files", "start_checksums"]

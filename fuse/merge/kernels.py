@@ -28,20 +28,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .reader import Scratch
+
 
 class _Buffers(threading.local):
-    """Per-thread reusable storage (merge workers run kernels concurrently)."""
+    """Per-thread reusable :class:`~fuse.merge.reader.Scratch` buffers by name (merge workers run
+    kernels concurrently; each thread gets its own)."""
 
     def __init__(self) -> None:
-        self.storage: dict[str, torch.Tensor] = {}
+        self.storage: dict[str, Scratch] = {}
 
     def take(self, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        n = math.prod(shape)
-        buf = self.storage.get(key)
-        if buf is None or buf.dtype != dtype or buf.numel() < n:
-            buf = torch.empty(n, dtype=dtype)
-            self.storage[key] = buf
-        return buf[:n].view(shape)
+        return self.storage.setdefault(key, Scratch()).take(dtype, shape)
 
 
 class TaskArithmeticKernel:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import FuseError
+from .kernels import KERNEL_CHOICES, KernelGuard, build_kernel
 
 
 class MergeError(FuseError):
@@ -127,8 +128,6 @@ class TensorMerger:
     def __init__(self, method: str, member_ids: Sequence[str], weights: Sequence[float],
                  densities: Sequence[float | None], parameters: dict[str, Any], dtype: torch.dtype,
                  with_base: bool, kernel: str = "auto"):
-        from .kernels import KERNEL_CHOICES, KernelGuard, build_kernel
-
         if kernel not in KERNEL_CHOICES:
             raise FuseError(f"merge kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
         self.info = method_info(method)
