@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .units import parse_size  # noqa: F401  (re-exported: fuse.checkpoint.parse_size)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -110,19 +110,42 @@ class LazyCheckpoint:
         self.path = Path(path)
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
+        self.has_data = True
         for f in self._resolve_files(files):
-            header, data_start = _read_header_and_start(f)
-            self._metadata.update(header.get("__metadata__") or {})
-            for key, v in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(v["dtype"])
-                if dtype is None:
-                    raise CheckpointError(f"{f}: tensor {key} has unsupported dtype {v['dtype']}")
-                start, stop = v["data_offsets"]
-                if key in self._info:
-                    raise CheckpointError(f"{f}: tensor {key} also stored in {self._info[key].file}")
-                self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start, data_start + start)
+            self._add_header(f, *_read_header_and_start(f))
+
+    @classmethod
+    def from_headers(cls, path: str | os.PathLike, headers: dict[str, dict]) -> "LazyCheckpoint":
+        """A checkpoint known by its safetensors headers only (``{file name in path: header}``,
+        e.g. fetched from the Hugging Face Hub): every header fact, no tensor data
+        (``has_data`` False; reading a tensor raises CheckpointError)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._info, self._metadata, self.has_data = {}, {}, False
+        for name in sorted(headers):
+            self._add_header(self.path / name, headers[name], -1)
+        return self
+
+    def _add_header(self, f: Path, header: dict, data_start: int) -> None:
+        self._metadata.update(header.get("__metadata__") or {})
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _DTYPES.get(v["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{f}: tensor {key} has unsupported dtype {v['dtype']}")
+            start, stop = v["data_offsets"]
+            if key in self._info:
+                raise CheckpointError(f"{f}: tensor {key} also stored in {self._info[key].file}")
+            self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start,
+                                         data_start + start if data_start >= 0 else -1)
+
+    def _require_data(self, key: str) -> TensorInfo:
+        info = self.info(key)
+        if not self.has_data:
+            raise CheckpointError(f"{info.file}: tensor {key} is not downloaded (only the safetensors headers "
+                                  "were fetched)")
+        return info
 
     def _resolve_files(self, files: list[str] | None) -> list[Path]:
         p = self.path
@@ -186,7 +209,7 @@ class LazyCheckpoint:
     # -- data ---------------------------------------------------------------
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (an owned copy), optionally cast to ``dtype``."""
-        info = self.info(key)
+        info = self._require_data(key)
         try:
             with safe_open(str(info.file), framework="pt", device="cpu") as fh:
                 t = fh.get_tensor(key)
@@ -198,7 +221,7 @@ class LazyCheckpoint:
 
     def get_rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read rows ``[start, stop)`` of one tensor (first axis) without touching the others."""
-        info = self.info(key)
+        info = self._require_data(key)
         if not (0 <= start <= stop <= (info.shape[0] if info.shape else 0)):
             raise CheckpointError(f"{info.file}: rows {start}:{stop} out of range for {key} {list(info.shape)}")
         try:
@@ -215,7 +238,7 @@ class LazyCheckpoint:
         keys = list(self._info) if keys is None else keys
         by_file: dict[Path, list[str]] = {}
         for k in keys:
-            by_file.setdefault(self.info(k).file, []).append(k)
+            by_file.setdefault(self._require_data(k).file, []).append(k)
         for f, ks in by_file.items():
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 for k in ks:
@@ -227,18 +250,6 @@ class LazyCheckpoint:
         for k, t in self.iter_tensors(keys):
             out[k[len(prefix_strip):] if prefix_strip and k.startswith(prefix_strip) else k] = t
         return out
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1234 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.I)
-    if not m:
-        raise CheckpointError(f"shard size {size!r}: expected a number of bytes like '5GB' or '500MB'")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
-    base = 1024 if binary else 1000
-    return int(num * base ** "_KMGT".index(unit or "_"))
 
 
 @contextlib.contextmanager

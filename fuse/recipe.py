@@ -3,7 +3,7 @@
 ```yaml
 base_model: meta-llama/Meta-Llama-3-8B-Instruct   # path or hub id; required except for `linear`
 members:                                          # order = visual-token order at inference
-  - model: YanweiLi/MGM-8B      # path or hub id (hub ids: local Hugging Face cache only)
+  - model: YanweiLi/MGM-8B      # path or hub id (downloaded by `fuse merge`, see fuse.hub)
     format: auto                # auto|llava-hf|llava|mgm|slime|comm
     weight: 0.5                 # default 1/n
     density: null               # ties / dare_*: fraction of the delta kept
@@ -115,8 +115,8 @@ class OutputSpec(_Strict):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str | int) -> str | int:
-        from .checkpoint import parse_size
         from .errors import CheckpointError
+        from .units import parse_size
 
         try:
             n = parse_size(v)
@@ -238,8 +238,12 @@ def _resolve(value: str, root: Path) -> str:
     return value if looks_like_hub_id else str(local)
 
 
-def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None) -> Recipe:
-    """Validate a recipe mapping. ``root``: directory that relative paths are resolved against."""
+def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None,
+                 check: bool = True) -> Recipe:
+    """Validate a recipe mapping. ``root``: directory that relative paths are resolved against.
+
+    ``check=False`` skips :meth:`Recipe.check` (the rules that need mergekit's method specs, and so
+    torch): the caller runs it later, e.g. ``fuse merge`` after it has started hashing the inputs."""
     label = source or "recipe"
     if not isinstance(data, dict):
         raise RecipeError(f"{label}: expected a mapping with base_model, members, merge, ... at the top level")
@@ -259,11 +263,12 @@ def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike |
             m.model = _resolve(m.model, root)
         out = Path(os.path.expanduser(recipe.output.dir))
         recipe.output.dir = os.path.normpath(out if out.is_absolute() else root / out)
-    return recipe.check()
+    return recipe.check() if check else recipe
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe YAML file (relative paths resolved against its directory)."""
+def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
+    """Read and validate a recipe YAML file (relative paths resolved against its directory;
+    ``check``: see :func:`parse_recipe`)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: no such recipe file")
@@ -275,7 +280,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"{p}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: cannot read ({e})") from None
-    return parse_recipe(data, source=str(p), root=p.parent.resolve())
+    return parse_recipe(data, source=str(p), root=p.parent.resolve(), check=check)
 
 
 __all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",

@@ -52,11 +52,14 @@ def register(group: click.Group) -> None:
     @click.option("--raw-prompt", is_flag=True, help="Use the prompt as is, without the chat template.")
     @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's).")
     @click.option("--device", default="cpu", show_default=True)
+    @click.option("--alpha", type=click.Choice(["drop", "white"]), default="drop", show_default=True,
+                  help="Transparent images: drop the alpha channel (as the members' original code does) or "
+                       "composite over white.")
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], positions: tuple[str, ...], separator: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
-                 device: str, as_json: bool) -> None:
+                 device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
         import warnings
 
@@ -67,7 +70,7 @@ def register(group: click.Group) -> None:
         if len(prompts) != 1 and len(prompts) != len(images):
             raise FuseError(f"--prompt given {len(prompts)} times for {len(images)} --image; give one, or one per image")
         plist = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
-        pil = [load_image(p) for p in images]  # fail on a bad image before loading the model
+        pil = [load_image(p, alpha) for p in images]  # fail on a bad image before loading the model
         t0 = time.perf_counter()
         fm = FusedModel.from_pretrained(model, dtype=parse_dtype(dtype), device=device)
         t_load = time.perf_counter() - t0

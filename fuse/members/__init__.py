@@ -41,19 +41,16 @@ def _load_plugins() -> None:
 
 
 def resolve_path(source: str | os.PathLike) -> Path:
-    """A local checkpoint directory for ``source`` (a path, or a hub id already in the local cache)."""
-    p = Path(source)
-    if p.exists():
-        return p
-    if "/" in str(source) and not str(source).startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+    """A local checkpoint directory for ``source``: a path, or a hub id already in the local Hugging
+    Face cache (no download here; recipes download, see :mod:`fuse.hub`)."""
+    from ..hub import local_model
 
-            return Path(snapshot_download(str(source), local_files_only=True))
-        except Exception:
-            raise CheckpointError(f"{source}: not a local directory and not in the local Hugging Face cache "
-                                  "(download it first, e.g. `huggingface-cli download {source}`)") from None
-    raise CheckpointError(f"{source}: no such checkpoint directory")
+    found = local_model(str(source), weights=False)
+    if found is None:
+        raise CheckpointError(f"{source}: not a local directory and not in the local Hugging Face cache; "
+                              f"download it first (`hf download {source}`) or name it in a recipe "
+                              "(`fuse merge` downloads hub models)")
+    return found.path
 
 
 def detect_format(config: dict, keys: list[str], path: Path | None = None) -> str:
@@ -94,20 +91,22 @@ def default_dtype(dtype: torch.dtype | None):
 
 
 def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dtype | str | None = None,
-                name: str | None = None, vision: bool = True, **options: Any) -> Member:
+                name: str | None = None, vision: bool = True, reader: LazyCheckpoint | None = None,
+                **options: Any) -> Member:
     """Read a member checkpoint (config.json + safetensors) into a :class:`Member`.
 
     Only the vision branch is materialised (in ``dtype``: None = float32, ``"source"`` = the
     checkpoint's stored dtype, e.g. bf16 for real 8B members); LLM tensors stay on disk until read.
     ``vision=False`` skips even that (``member.vision`` is None): headers, configs and the
-    text side only, which is all a merge needs to plan and check the LLM part.
+    text side only, which is all a merge needs to plan and check the LLM part. ``reader``: the
+    checkpoint's tensors when they are known otherwise (a headers-only view of a hub model).
     """
     _load_plugins()
     path = resolve_path(source)
     if not path.is_dir():
         raise CheckpointError(f"{path}: a member must be a checkpoint directory")
     config = read_json(path / "config.json", "config.json (is this a model directory?)")
-    reader = LazyCheckpoint(path)
+    reader = reader or LazyCheckpoint(path)
     fmt = detect_format(config, reader.keys(), path) if format == "auto" else format
     if fmt not in FORMATS:
         raise FormatError(f"format {fmt!r} unknown; known: auto, {', '.join(sorted(FORMATS))}")

@@ -22,7 +22,9 @@ Vision branch (per image), following SliME's ``encode_images`` with ``mm_patch_m
 3. global: gated projector (MLP path and resampler path mixed per token) -> ``[576, D_llm]``.
 4. locals: ``post_qformer`` -> 144 tokens per crop, the MLP path of the projector,
    re-ordered row-major over the whole crop grid (``spatial``) -> ``[n*144, D_llm]``;
-   then text-guided selection against the prompt's token embeddings (cumulative mass 0.95 + 1).
+   then text-guided selection against the prompt's token embeddings (cumulative mass 0.95 + 1),
+   computed in the branch's dtype as SliME does (member option ``selection_dtype: float32`` to
+   select in float32 instead).
 5. sequence ``[global 576][separator][selected locals]``; the separator is the LLM embedding
    of token ``seperator`` (11 = "," for LLaMA-3). The branch stores SliME's own row 11 (read
    from the checkpoint at load time); the fused model binds its merged embedding table with
@@ -118,14 +120,15 @@ class SliMEBranch(VisionBranch):
                 "global_grid": p.attn.grid, "num_heads": p.attn.num_heads, "learnable_gated": p.learnable_gated,
                 "local_queries": s.grid ** 2, "top_p": s.top_p, "temperature": s.temperature,
                 "select_layer": self.select_layer, "merge": self.merge, "use_global_only": self.use_global_only,
-                "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id}
+                "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id,
+                "selection_dtype": None if s.selection_dtype is None else str(s.selection_dtype).replace("torch.", "")}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SliMEBranch":
         proj = GatedProjector(spec["mm_hidden"], spec["llm_hidden"], spec["global_grid"], spec["num_heads"],
                               spec["learnable_gated"])
         sampler = LocalSampler(spec["mm_hidden"], spec["local_queries"], spec["num_heads"], spec["top_p"],
-                               spec["temperature"])
+                               spec["temperature"], selection_dtype(spec.get("selection_dtype")))
         return cls(encoder_from_spec(spec["encoder"]), proj, sampler, spec["llm_hidden"], spec["select_layer"],
                    spec["merge"], spec["use_global_only"], spec["use_local_only"], spec["separator_token_id"])
 
@@ -212,6 +215,18 @@ class SliMEBranch(VisionBranch):
         return out
 
 
+SELECTION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def selection_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype of SliME's text-guided selection: None = the branch's dtype (SliME's own behaviour)."""
+    if name is None:
+        return None
+    if name not in SELECTION_DTYPES:
+        raise ValueError(f"expected one of {', '.join(SELECTION_DTYPES)} or null (the branch dtype), got {name!r}")
+    return SELECTION_DTYPES[name]
+
+
 def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
     """One row of a stored 2-D tensor without reading the rest (memory-mapped slice)."""
     info = reader.info(key)
@@ -289,8 +304,12 @@ class SliMEAdapter(FormatAdapter):
                                        int(config.get("mm_learnable_gated", -1)))
             _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
                     "gated projector")
+            try:
+                sel_dtype = selection_dtype(options.get("selection_dtype"))
+            except ValueError as e:
+                raise FormatError(f"{path}: options.selection_dtype: {e}") from None
             sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
-                                   float(config.get("mm_resampler_temp", 1.0)))
+                                   float(config.get("mm_resampler_temp", 1.0)), sel_dtype)
             _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
 
             if llm_hidden != llm_conf["hidden_size"]:

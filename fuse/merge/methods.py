@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import FuseError
+from .kernels import KERNEL_CHOICES, KernelGuard, build_kernel
 
 
 class MergeError(FuseError):
@@ -117,13 +118,18 @@ class TensorMerger:
         parameters: method-level parameters (already validated).
         dtype: compute dtype; out_dtype: dtype of the returned tensor.
         with_base: pass the base as mergekit's base input (after the members, as mergekit-yaml orders them).
+        kernel: ``auto`` replays mergekit's arithmetic in reused buffers where
+            :mod:`fuse.merge.kernels` has the method (checked against mergekit on every tensor's
+            first rows); ``mergekit`` calls mergekit for every piece.
     """
 
     BASE_ID = "__base__"
 
     def __init__(self, method: str, member_ids: Sequence[str], weights: Sequence[float],
                  densities: Sequence[float | None], parameters: dict[str, Any], dtype: torch.dtype,
-                 with_base: bool):
+                 with_base: bool, kernel: str = "auto"):
+        if kernel not in KERNEL_CHOICES:
+            raise FuseError(f"merge kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
         self.info = method_info(method)
         self.method = self.info.mergekit
         self.ids = list(member_ids)
@@ -137,18 +143,34 @@ class TensorMerger:
             params["density"] = {i: (default if d is None else d) for i, d in zip(self.ids, densities)}
         self.parameters = params
         self.dtype = dtype
+        shared = {name: spec.default for name, spec in self.info.shared_parameters().items()}
+        shared.update({k: v for k, v in params.items() if k not in per})
+        fast = build_kernel(method, shared, weights, dtype, densities) if kernel == "auto" else None
+        self.guard = KernelGuard(fast, self.mergekit, f"merge method {method}") if fast is not None else None
+
+    @property
+    def uses_kernel(self) -> bool:
+        """True while pieces are merged by the in-place replay of mergekit's formula."""
+        return self.guard is not None and self.guard.active
 
     def __call__(self, members: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype,
                  name: str) -> torch.Tensor:
         """``members[i]``: [rows, ...] of member i; ``base`` the same rows of the base (or None)."""
+        if self.with_base and base is None:
+            raise MergeError(f"{name}: method {self.info.name} needs the base tensor")
+        if self.guard is not None:
+            return self.guard(members, base, out_dtype, name)
+        return self.mergekit(members, base, out_dtype, name)
+
+    def mergekit(self, members: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype,
+                 name: str) -> torch.Tensor:
+        """The same merge through ``mergekit.merge_methods.merge_tensors`` (the reference)."""
         from mergekit.merge_methods import merge_tensors
 
         tensors = list(members)
         ids = list(self.ids)
         base_index = None
         if self.with_base:
-            if base is None:
-                raise MergeError(f"{name}: method {self.info.name} needs the base tensor")
             tensors.append(base)
             ids.append(self.BASE_ID)
             base_index = len(tensors) - 1

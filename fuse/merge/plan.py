@@ -112,7 +112,7 @@ class MergePlan:
         lines = [
             f"plan: {self.method} of {self.n_members} member(s){' + base' if self.with_base else ''}, "
             f"compute {dtype_name(self.compute_dtype)}",
-            f"  LLM tensors      {len(self.jobs)} ({n_chunks} mergekit calls"
+            f"  LLM tensors      {len(self.jobs)} ({n_chunks} merge calls"
             f"{', row-chunked' if self.chunked else ', whole tensors'})",
             f"  carried rows     {carried} (appended vocabulary rows copied from the member that has them)",
             f"  bytes to read    {self.read_bytes / gb:.3f} GB",

@@ -18,9 +18,10 @@ from typing import Callable, Sequence
 import torch
 
 from ..checkpoint import atomic_output_dir
-from ..errors import CheckpointError, FuseError
+from ..errors import CheckpointError
 from ..recipe import Recipe
-from .checksums import BackgroundChecksums
+from ..hub import resolve_recipe
+from .checksums import BackgroundChecksums, start_checksums
 from .family import FamilyReport, check_family
 from .methods import MergeError, TensorMerger
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
@@ -28,7 +29,8 @@ from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
 from .plan import MergePlan, TensorJob, build_plan, dtype_name
 from .reader import RowReader
-from .sources import BaseInput, MemberInput, open_base, open_members
+from .sources import BaseInput, MemberInput, Models, open_base, open_members
+from .threads import torch_threads
 from .vision import save_vision_branches
 from .writer import StreamingShardWriter
 
@@ -51,10 +53,12 @@ class MergeResult:
     seconds: float = 0.0
 
 
-def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True) -> Prepared:
-    """Open base + members (headers, configs, tokenizers) and run the family check."""
-    base = open_base(recipe)
-    members = open_members(recipe, keep_vision=False)
+def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True,
+            models: Models | None = None) -> Prepared:
+    """Open base + members (headers, configs, tokenizers) and run the family check.
+    ``models``: where each recipe model's files are (:func:`fuse.hub.resolve_recipe`)."""
+    base = open_base(recipe, models)
+    members = open_members(recipe, keep_vision=False, models=models)
     report = check_family(base, members)
     if echo is not None:
         echo(report.table(allow_foreign))
@@ -83,27 +87,25 @@ def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: S
 
 def merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
               directory: Path, display_dir: Path | None = None, progress: bool = True,
-              threads: int | None = None, workers: int | None = None) -> int:
+              threads: int | None = None, workers: int | None = None, kernel: str = "auto") -> int:
     """Merge every planned tensor into ``directory`` (streaming). Returns bytes written.
 
     ``threads``: torch intra-op threads during the merge. Default: 1 for row-chunked merges
     (cache-sized, memory-bound element-wise math gains nothing from more threads and loses a lot
     on a busy machine), torch's default for whole-tensor methods (TIES/DARE top-k, sampling).
+    ``kernel``: ``auto`` (mergekit's formula replayed in reused buffers where
+    :mod:`fuse.merge.kernels` has it, checked against mergekit) or ``mergekit`` (call it per piece).
     ``workers``: row-chunked merges of deterministic methods merge this many chunks at once, each
     on its own thread (default: one per CPU core left after the writer thread, at most
     ``MAX_WORKERS``); otherwise one.
     """
-    saved_threads = torch.get_num_threads()
-    n_threads = threads or (1 if plan.chunked else saved_threads)
-    torch.set_num_threads(n_threads)
-    try:
-        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress, workers)
-    finally:
-        torch.set_num_threads(saved_threads)
+    with torch_threads(threads or (1 if plan.chunked else torch.get_num_threads())):
+        return _merge_llm(recipe, plan, base, members, directory, display_dir, progress, workers, kernel)
 
 
 def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members: Sequence[MemberInput],
-               directory: Path, display_dir: Path | None, progress: bool, workers: int | None = None) -> int:
+               directory: Path, display_dir: Path | None, progress: bool, workers: int | None = None,
+               kernel: str = "auto") -> int:
     """Read -> mergekit -> finiteness check -> write, piece by piece (:mod:`fuse.merge.pipeline`).
 
     Row-chunked plans: worker threads read chunks into reusable buffers and merge them while a
@@ -116,7 +118,7 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
 
     merger = TensorMerger(recipe.merge.method, [m.name for m in members], [m.weight for m in members],
                           [m.spec.density for m in members], recipe.merge.parameters, plan.compute_dtype,
-                          with_base=plan.with_base)
+                          with_base=plan.with_base, kernel=kernel)
     writer = StreamingShardWriter(directory, [(j.name, j.shape, j.out_dtype) for j in plan.jobs], plan.max_shard_bytes,
                                   display_dir=display_dir)
     parts = [m.llm for m in members] + ([base.llm] if plan.with_base else [])
@@ -170,19 +172,37 @@ def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
 
 
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
-              allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
-              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
+              allow_foreign: bool = False, progress: bool = True, checksums: bool | BackgroundChecksums = True,
+              echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None,
+              kernel: str = "auto", offline: bool = False, cache_dir: str | Path | None = None,
+              models: Models | None = None) -> MergeResult:
     """The whole ``fuse merge``. Writes nothing on any error (and nothing at all with ``dry_run``).
 
-    The sources' SHA-256 is computed in a background thread started before anything else
-    (:func:`_start_checksums`), so it overlaps the family check as well as the merge."""
+    Hub ids are resolved with :func:`fuse.hub.resolve_recipe` (``offline``, ``cache_dir``) unless
+    ``models`` gives them already. A dry run fetches configs, tokenizer files and safetensors
+    headers only. A real run whose models are not all local first runs the family check on those
+    (so a bad recipe fails before gigabytes are downloaded), then downloads the weights.
+
+    ``checksums``: True hashes the sources in a background thread started as soon as every model
+    is on disk (it overlaps the family check and the merge); a :class:`BackgroundChecksums`
+    already started by the caller is used as is; False skips them."""
     t0 = time.perf_counter()
     out = Path(out or recipe.output.dir)
-    if out.exists() and not force and not dry_run:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
-    sums = _start_checksums(recipe) if checksums and not dry_run else None
+    sums = checksums if isinstance(checksums, BackgroundChecksums) else None
     try:
-        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0)
+        if out.exists() and not force and not dry_run:
+            raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+        fetch = dict(offline=offline, cache_dir=cache_dir, progress=progress, echo=echo)
+        models = models or resolve_recipe(recipe, weights=False, **fetch)
+        if not dry_run and not all(m.complete for m in models.values()):
+            prepare(recipe, allow_foreign, models=models)  # configs + headers: refuse before downloading
+            todo = sum(m.download_bytes for m in models.values())
+            echo(f"family check on configs and headers passed; fetching {todo / 1e9:.2f} GB of weights")
+            models = resolve_recipe(recipe, weights=True, **fetch)
+        if checksums is True and not dry_run:
+            sums = start_checksums(models)
+        return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0,
+                          kernel, models)
     except BaseException:
         if sums is not None:
             sums.cancel()
@@ -191,8 +211,8 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
 
 def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_foreign: bool, progress: bool,
                echo: Echo, chunk_bytes: int | None, threads: int | None, sums: BackgroundChecksums | None,
-               t0: float) -> MergeResult:
-    prep = prepare(recipe, allow_foreign, echo=echo)
+               t0: float, kernel: str, models: Models) -> MergeResult:
+    prep = prepare(recipe, allow_foreign, echo=echo, models=models)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
     _refuse_overlap(out, inputs)
@@ -201,6 +221,10 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)
     if dry_run:
         echo(plan.describe(out))
+        todo = [m for m in models.values() if not m.complete]
+        if todo:
+            echo(f"  to download      {sum(m.download_bytes for m in todo) / 1e9:.2f} GB of weights "
+                 f"({', '.join(m.source for m in todo)}) into {todo[0].cache}")
         if out.exists() and not force:
             echo(f"note: {out} exists; the real run needs --force")
         echo("dry run: nothing written")
@@ -209,12 +233,12 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     with atomic_output_dir(out, force=force) as tmp:
         try:
             merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
-                      threads=threads)
+                      threads=threads, kernel=kernel)
             cfg = llm_config(members[text_index], plan, eos)
             (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
             (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
             copy_tokenizer(tok_src, tmp / "llm")
-            save_vision_branches(recipe, members, tmp / "members")
+            save_vision_branches(recipe, members, tmp / "members", models)
             sources = sums.result() if sums else {}
             fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
             (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
@@ -231,22 +255,12 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     return MergeResult(out, plan, prep.report, seconds)
 
 
-def _start_checksums(recipe: Recipe) -> BackgroundChecksums | None:
-    """Start hashing the source dirs (resolved as ``load_member`` resolves them) before they are
-    opened; None when one does not resolve to a directory (``prepare`` then reports it)."""
-    from ..members import resolve_path
-
-    try:
-        dirs = [resolve_path(m.model) for m in recipe.members] + \
-            ([resolve_path(recipe.base_model)] if recipe.base_model else [])
-    except FuseError:
-        return None
-    return BackgroundChecksums(dirs) if all(d.is_dir() for d in dirs) else None
-
-
-def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print) -> FamilyReport:
-    """``fuse check``: print the family table; raise FamilyError if the merge would be refused."""
-    prep = prepare(recipe, allow_foreign, echo=echo, raise_bad=False)
+def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print, offline: bool = False,
+                 cache_dir: str | Path | None = None) -> FamilyReport:
+    """``fuse check``: print the family table; raise FamilyError if the merge would be refused.
+    Hub models not in the local cache are checked on their configs, tokenizers and headers only."""
+    models = resolve_recipe(recipe, weights=False, offline=offline, cache_dir=cache_dir, echo=echo)
+    prep = prepare(recipe, allow_foreign, echo=echo, raise_bad=False, models=models)
     prep.report.raise_if_bad(recipe.label, allow_foreign)
     return prep.report
 

@@ -23,7 +23,7 @@ from typing import Sequence
 from ..members import FORMATS
 from ..members.base import CHECKPOINT_LAYOUT, VISION_CONFIG, VISION_WEIGHTS
 from ..recipe import Recipe
-from .sources import MemberInput, copies_vision, open_member
+from .sources import MemberInput, Models, copies_vision, open_member
 from .writer import StreamingShardWriter
 
 NO_SHARDING = 1 << 62
@@ -55,16 +55,18 @@ def copy_vision_checkpoint(m: MemberInput, directory: Path) -> int:
     return writer.bytes_written
 
 
-def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path) -> list[str]:
+def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path,
+                         models: Models | None = None) -> list[str]:
     """Each member's branch into ``directory/<name>``, one member in memory at a time.
-    Returns the layout used per member (``checkpoint`` or ``module``)."""
+    Returns the layout used per member (``checkpoint`` or ``module``). ``models``: as for
+    :func:`~fuse.merge.sources.open_member`."""
     layouts = []
     for m in members:
         if copies_vision(m.member):
             copy_vision_checkpoint(m, directory / m.name)
             layouts.append(CHECKPOINT_LAYOUT)
         else:
-            full = open_member(recipe, m.index, keep_vision=True)
+            full = open_member(recipe, m.index, keep_vision=True, models=models)
             full.member.save_vision_branch(directory / m.name)
             del full
             layouts.append("module")

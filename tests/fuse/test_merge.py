@@ -265,7 +265,7 @@ def test_dry_run_plan_writes_nothing(family, tmp_path):
     llm = load_member(family["members"][0]).llm
     n, nbytes = len(llm.names()), llm.total_bytes()  # float32 weights
     out = res.output
-    assert f"LLM tensors      {n} ({n} mergekit calls, whole tensors)" in out  # TIES top-k: whole tensors
+    assert f"LLM tensors      {n} ({n} merge calls, whole tensors)" in out  # TIES top-k: whole tensors
     assert f"bytes to read    {4 * nbytes / 1e9:.3f} GB" in out  # 3 members + base
     assert f"LLM {nbytes / 2 / 1e9:.3f} GB" in out  # one bfloat16 copy
     assert "peak memory      ~" in out and "dry run: nothing written" in out
