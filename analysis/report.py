@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fuse.checkpoint import atomic_output_dir  # noqa: E402
+from fuse.output_dir import atomic_output_dir, check_output  # noqa: E402
 
 FIG_DIR = "figures"
 
@@ -192,11 +192,9 @@ class Report:
 
     @staticmethod
     def check_output(out_dir: str | os.PathLike, force: bool = False) -> None:
-        """Fail early (before any work) when ``out_dir`` exists and ``force`` is not set."""
-        from fuse.errors import CheckpointError
-
-        if Path(out_dir).exists() and not force:
-            raise CheckpointError(f"{out_dir}: output exists (use --force to replace it)")
+        """Fail early (before any work) when ``out_dir`` may not be written (exists without ``force``;
+        with ``force``, anything but an empty directory or an earlier output of this toolkit)."""
+        check_output(out_dir, force)
 
     def write(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write everything into ``out_dir`` atomically (refuses an existing dir without ``force``)."""

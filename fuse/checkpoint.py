@@ -16,13 +16,10 @@ output.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .output_dir import atomic_output_dir  # noqa: F401  (the output mechanism; re-exported)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -239,36 +237,6 @@ def parse_size(size: str | int) -> int:
     num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
     base = 1024 if binary else 1000
     return int(num * base ** "_KMGT".index(unit or "_"))
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; rename it to ``out`` on success.
-
-    An existing ``out`` is refused unless ``force``; with ``force`` it is replaced
-    only after the new content is complete. On any exception (Ctrl-C included)
-    the temporary directory is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal directory permissions
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardedWriter:

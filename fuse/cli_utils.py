@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from typing import Any, Callable
 
 import click
@@ -15,14 +16,30 @@ class FriendlyGroup(click.Group):
     """A click group whose commands print ``error: ...`` (no traceback) for user errors."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+
+        from .output_dir import interrupt_on_sigterm
+
         try:
-            return super().invoke(ctx)
+            with interrupt_on_sigterm(), warnings.catch_warnings():  # `kill` cleans up like Ctrl-C
+                warnings.showwarning = _show_warning
+                return super().invoke(ctx)
         except FuseError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was left half-written", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+            click.echo(f"{how}: nothing was left half-written", err=True)
+            sys.exit(128 + signum)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings of this toolkit (UserWarning) as one ``warning: ...`` line; others as Python prints them."""
+    if issubclass(category, UserWarning) and not issubclass(category, (DeprecationWarning, FutureWarning)):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def user_errors(fn: Callable) -> Callable:

@@ -8,8 +8,8 @@ vision branches are loaded one at a time, only to be saved.
 
 from __future__ import annotations
 
-import errno
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import atomic_output_dir
+from ..output_dir import atomic_output_dir, check_output
 from ..errors import CheckpointError, FuseError
 from ..recipe import Recipe
 from .checksums import BackgroundChecksums
@@ -162,9 +162,9 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
 
 def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
     """OUT must not be, contain or sit inside an input (``--force`` would delete it)."""
-    o = out.resolve()
+    o = Path(os.path.realpath(out))  # realpath: a symlink loop is not an exception here
     for field, src in sources:
-        s = Path(src).resolve()
+        s = Path(os.path.realpath(src))
         if o == s or s.is_relative_to(o) or o.is_relative_to(s):
             raise CheckpointError(f"{out}: output overlaps the input {field} ({src}); choose another output directory")
 
@@ -178,8 +178,8 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
     (:func:`_start_checksums`), so it overlaps the family check as well as the merge."""
     t0 = time.perf_counter()
     out = Path(out or recipe.output.dir)
-    if out.exists() and not force and not dry_run:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+    if not dry_run:
+        check_output(out, force)  # refuse before any work (and again when the output is published)
     sums = _start_checksums(recipe) if checksums and not dry_run else None
     try:
         return _run_merge(recipe, out, force, dry_run, allow_foreign, progress, echo, chunk_bytes, threads, sums, t0)
@@ -206,25 +206,20 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
         echo("dry run: nothing written")
         return MergeResult(None, plan, prep.report, time.perf_counter() - t0)
     eos = union_eos(members, text_index, recipe.text.extra_eos_ids)
-    with atomic_output_dir(out, force=force) as tmp:
-        try:
-            merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
-                      threads=threads)
-            cfg = llm_config(members[text_index], plan, eos)
-            (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
-            (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
-            copy_tokenizer(tok_src, tmp / "llm")
-            save_vision_branches(recipe, members, tmp / "members")
-            sources = sums.result() if sums else {}
-            fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
-            (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
-            (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
-                                                         "architectures": ["FusedModel"], **fcfg}, indent=2))
-            (tmp / "README.md").write_text(model_card(fcfg, plan))
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise CheckpointError(f"{out}: disk full (no space left on device); nothing was written") from None
-            raise CheckpointError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
+    with atomic_output_dir(out, force=force) as tmp:  # an OSError in here becomes one line naming OUT
+        merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
+                  threads=threads)
+        cfg = llm_config(members[text_index], plan, eos)
+        (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
+        copy_tokenizer(tok_src, tmp / "llm")
+        save_vision_branches(recipe, members, tmp / "members")
+        sources = sums.result() if sums else {}
+        fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+        (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
+                                                     "architectures": ["FusedModel"], **fcfg}, indent=2))
+        (tmp / "README.md").write_text(model_card(fcfg, plan))
     seconds = time.perf_counter() - t0
     echo(f"wrote {out}: llm/ ({len(plan.jobs)} tensors, {plan.llm_bytes / 1e9:.3f} GB), members: "
          f"{', '.join(m.name for m in members)} ({seconds:.1f} s)")
