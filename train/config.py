@@ -127,7 +127,7 @@ class TrainConfig(_Strict):
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range (accelerate.set_seed seeds numpy too)
 
     save_every: Optional[int] = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
