@@ -37,7 +37,7 @@ def pipeline_options(default_out: str, default_batch: int = 8) -> Callable:
             click.option("--dtype", default=None, help="Model dtype (float32, float16, bfloat16) [default: as stored]."),
             click.option("--cache", "cache_dir", default=None, type=click.Path(),
                          help="Feature cache directory (safetensors per image; re-runs are instant)."),
-            click.option("--seed", default=0, show_default=True, type=int),
+            click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1)),
             click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
         ]
         for o in reversed(opts):

@@ -134,8 +134,11 @@ class LazyCheckpoint:
             try:
                 index = json.loads((p / INDEX_NAME).read_text())
                 names = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{p / INDEX_NAME}: not a valid index (needs a 'weight_map' object)") from None
+            for n in names:  # a file name inside this folder (HF cache symlinks may point elsewhere: fine)
+                if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts or not n:
+                    raise CheckpointError(f"{p / INDEX_NAME}: shard {n!r} is not a file name inside {p}")
             out = [p / n for n in names]
         elif (p / SINGLE_NAME).exists():
             out = [p / SINGLE_NAME]

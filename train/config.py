@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuse.errors import RecipeError
+from fuse.recipe import check_yaml_size
 
 TRAINABLE_GROUPS = ("fusion", "llm")
 
@@ -249,6 +250,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise RecipeError(f"{p}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{p}: expected a mapping of config keys at the top level")
+    check_yaml_size(data, str(p))
     return data
 
 

@@ -55,19 +55,20 @@ def register(group: click.Group) -> None:
 
         Data are validated before the model is loaded; the summary ends with samples/s.
         """
-        from ..cli_utils import parse_dtype
+        from ..cli_utils import parse_dtype, resolve_device
         from ..errors import CheckpointError
         from ..eval import EvalConfig, evaluate, format_summary, load_samples, task_parts, write_results
         from ..eval.loader import model_kind
 
         if not Path(model).exists():
             raise CheckpointError(f"{model}: no such model directory")
+        dtype, device = parse_dtype(dtype), (str(resolve_device(device)) if device else None)  # before any work
         cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, log_samples=log_samples,
                          images=images, gen_kwargs=_gen_kwargs(gen))
         parts = task_parts(task, data)
         samples = load_samples(parts, images=images, limit=limit)
         t0 = time.perf_counter()
-        m = _load_for_eval(model, fmt, parse_dtype(dtype), device)
+        m = _load_for_eval(model, fmt, dtype, device)
         load_s = time.perf_counter() - t0
         results = evaluate(m, task, data, cfg, model_name=str(model), parts=parts, samples=samples)
         results["model_kind"] = model_kind(model)

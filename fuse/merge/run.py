@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +23,7 @@ from ..errors import CheckpointError, FuseError
 from ..recipe import Recipe
 from .checksums import BackgroundChecksums
 from .family import FamilyReport, check_family
-from .methods import MergeError, TensorMerger
+from .methods import MergeError, TensorMerger, all_finite
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
                       union_eos)
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
@@ -63,17 +64,9 @@ def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = Non
     return Prepared(recipe, base, members, report)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t`` (min/max propagate NaN; one read-only pass, no mask tensor)."""
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
-def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
+def _notall_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
                 out_dtype: torch.dtype) -> MergeError:
-    bad = [label for label, t in inputs if t is not None and not _finite(t)]
+    bad = [label for label, t in inputs if t is not None and not all_finite(t)]
     cause = (f"input{'s' if len(bad) > 1 else ''} {', '.join(bad)} already contain{'' if len(bad) > 1 else 's'} "
              "NaN/Inf" if bad else
              f"the inputs are finite: values overflow the compute/output dtype ({dtype_name(out_dtype)})")
@@ -127,12 +120,12 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
     def merge(loaded: Loaded) -> torch.Tensor:
         job, rows, owner = loaded.piece.job, (loaded.piece.start, loaded.piece.stop), loaded.piece.owner
         if owner is not None:  # carried rows: written as stored (read in the output dtype)
-            if not _finite(loaded.carried):
-                raise _not_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
+            if not all_finite(loaded.carried):
+                raise _notall_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
             return loaded.carried
         out = merger(loaded.members, loaded.base, job.out_dtype, job.name)
-        if not _finite(out):
-            raise _not_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
+        if not all_finite(out):
+            raise _notall_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
                               [("base_model", loaded.base)], job.out_dtype)
         return out
 
@@ -199,6 +192,8 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     text_index = recipe.text_member_index()
     tok_src = tokenizer_source(recipe, members[text_index], base)
     plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)
+    if plan.dtype_note and not dry_run:  # (a dry run prints it in the plan)
+        warnings.warn(f"{recipe.label}: {plan.dtype_note}", UserWarning, stacklevel=2)
     if dry_run:
         echo(plan.describe(out))
         if out.exists() and not force:
