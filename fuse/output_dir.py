@@ -3,10 +3,10 @@
 ``fuse merge``, ``fuse demo``, ``fuse toyworld``, the ``analysis`` reports, ``train``'s final model and
 ``FusedModel.save_pretrained`` all write through :func:`atomic_output_dir`:
 
-1. **Refusal up front** (:func:`check_output`): an existing ``OUT`` needs ``force``; and ``force``
-   replaces only a *directory* that this toolkit wrote (it holds the :data:`MARKER` file) or an
-   empty directory. A file, symlink, FIFO, device, socket, the current directory or a directory of
-   someone else's is refused with one line, before any work.
+1. **Refusal up front** (:func:`check_output`): an existing ``OUT`` needs ``force``, and only a
+   *directory* that this toolkit wrote (it holds the :data:`MARKER` file) or an empty directory
+   can be replaced. A file, symlink, FIFO, device, socket, the current directory or a directory of
+   someone else's is refused with one line, with or without ``force``, before any work.
 2. **One writer per OUT**: a lock file ``.OUT.lock`` next to ``OUT`` (``flock``), held until the
    output is in place; a second run to the same ``OUT`` fails at once, naming the first one's pid.
 3. **Temp dir + rename**: everything goes to ``.OUT.tmp-<pid>-<start>-<random>`` (the writer's pid
@@ -124,22 +124,22 @@ def is_own_output(path: str | os.PathLike) -> bool:
         return False
 
 
-def _replaceable(out: Path, st: os.stat_result) -> str | None:
-    """Why ``out`` (which exists) may not be replaced with ``force``; None if it may."""
+def _not_replaceable(out: Path, st: os.stat_result) -> str | None:
+    """Why ``out`` (which exists) may not be replaced, even with ``force``; None if it may."""
     kind = _kind(st.st_mode)
     if kind != "directory":
-        return f"it is a {kind}"
+        return f"is a {kind}"
     cwd = os.getcwd()
     if cwd == str(out) or cwd.startswith(str(out).rstrip(os.sep) + os.sep):
-        return "it is (or contains) the current directory"
+        return "is (or contains) the current directory"
     try:
         with os.scandir(out) as it:
             empty = next(it, None) is None
     except OSError as e:
-        return f"it cannot be listed ({e.strerror})"
+        return f"cannot be listed ({e.strerror})"
     if empty or is_own_output(out):
         return None
-    return "it was not written by this toolkit"
+    return "was not written by this toolkit"
 
 
 def check_output(out: str | os.PathLike, force: bool = False) -> Path:
@@ -149,16 +149,22 @@ def check_output(out: str | os.PathLike, force: bool = False) -> Path:
     try:
         st = os.lstat(out)
     except FileNotFoundError:
-        return out
+        st = None
     except OSError as e:
         raise CheckpointError(f"{out}: unusable output path ({e.strerror})") from None
-    if not force:
-        what = "" if stat.S_ISDIR(st.st_mode) else f" (a {_kind(st.st_mode)})"
-        raise CheckpointError(f"{out}: output exists{what} (use --force to replace it)")
-    why = _replaceable(out, st)
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):  # read-only mount, permissions: say so before any work
+        raise CheckpointError(f"{out}: cannot write in {folder} (not writable)")
+    if st is None:
+        return out
+    why = _not_replaceable(out, st)
     if why:
-        raise CheckpointError(f"{out}: not replaced: {why}; --force replaces only an empty directory or an output "
-                              f"directory this toolkit wrote (marked by {MARKER})")
+        raise CheckpointError(f"{out}: exists and {why}; choose another output (--force replaces only an empty "
+                              f"directory or an output directory this toolkit wrote, marked by {MARKER})")
+    if not force:
+        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
     return out
 
 

@@ -24,8 +24,8 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
     """
     from transformers import AutoModelForCausalLM
 
-    from ..checkpoint import atomic_output_dir
     from ..members import Member, load_member
+    from ..output_dir import atomic_output_dir
 
     loaded = [m if isinstance(m, Member) else load_member(m) for m in members]
     names = list(names) if names else [m.name for m in loaded]
