@@ -191,10 +191,11 @@ class Report:
                           indent=2, allow_nan=False)
 
     @staticmethod
-    def check_output(out_dir: str | os.PathLike, force: bool = False) -> None:
+    def check_output(out_dir: str | os.PathLike, force: bool = False, inputs: Sequence[tuple[str, Any]] = ()) -> None:
         """Fail early (before any work) when ``out_dir`` may not be written (exists without ``force``;
-        with ``force``, anything but an empty directory or an earlier output of this toolkit)."""
-        check_output(out_dir, force)
+        with ``force``, anything but an empty directory or an earlier output of this toolkit; or it
+        overlaps one of ``inputs``, e.g. the fused model or the images the report reads)."""
+        check_output(out_dir, force, inputs)
 
     def write(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write everything into ``out_dir`` atomically (refuses an existing dir without ``force``)."""

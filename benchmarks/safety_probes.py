@@ -512,7 +512,8 @@ def _(ctx):
     if r.rc != 0:
         return Outcome("wrong", f"next run failed: {r.err.strip()[-200:]}")
     if tmp_dirs(ctx.scratch, "out"):
-        return Outcome("wrong", f"stale temp dir still there: {', '.join(p.name for p in tmp_dirs(ctx.scratch, 'out'))}")
+        left = ", ".join(p.name for p in tmp_dirs(ctx.scratch, "out"))
+        return Outcome("wrong", f"stale temp dir still there: {left}")
     if stale and not any(s.name in r.text for s in stale):
         return Outcome("wrong", "stale temp dir removed without saying so")
     return Outcome("ok", "stale temp dir removed and reported")
@@ -1137,6 +1138,64 @@ def _(ctx):
     return judge(ctx.run("fuse", "generate", ctx.root / "fused", "--image", img, "--prompt", "hi"))
 
 
+# -- more: outputs over inputs, odd structure ------------------------------------------------------------------
+@probe("output", "analysis align --force: -o is the fused model it reads")
+def _(ctx):
+    fused = fresh_fused(ctx, ctx.scratch / "fused")
+    keep = unchanged(fused)
+    r = ctx.run("analysis", "align", fused, "--images", ctx.root / "images", "--n", 2, "--workers", 0, "-q",
+                "-o", fused, "--force")
+    return judge(r, lost=[keep])
+
+
+@probe("output", "merge: -o inside a member dir")
+def _(ctx):
+    b = ctx.scratch / "b"
+    shutil.copytree(ctx.root / "fam" / "b", b)
+    keep = unchanged(b)
+    rec = _recipe_with(ctx, [ctx.root / "fam" / "a", b], text_member="a")
+    return judge(ctx.run("fuse", "merge", rec, "-o", b / "fused", "-q", "--no-checksums"), lost=[keep])
+
+
+@probe("train", "stage 2 --from RUN/final -o RUN --force")
+def _(ctx):
+    run = ctx.scratch / "run"
+    shutil.copytree(ctx.root / "toy" / "run", run)
+    keep = unchanged(run / "final")
+    r = ctx.run("train", "comm", "--stage", 2, "-c", ctx.root / "toy" / "stage1.yaml", "--from", run / "final",
+                "-o", run, "--force")
+    return judge(r, lost=[keep])
+
+
+@probe("inputs", "generate: --image is a directory")
+def _(ctx):
+    return judge(ctx.run("fuse", "generate", ctx.root / "fused", "--image", ctx.root / "images", "--prompt", "hi"))
+
+
+@probe("inputs", "check: recursive YAML alias")
+def _(ctx):
+    rec = ctx.scratch / "loop.yaml"
+    rec.write_text((ctx.root / "recipe.yaml").read_text() + "inference: &x {token_budget: *x}\n")
+    return judge(ctx.run("fuse", "check", rec, timeout=120))
+
+
+@probe("inputs", "inspect: index weight_map value is a list")
+def _(ctx):
+    m = ctx.scratch / "m"
+    shutil.copytree(ctx.root / "fam" / "a", m)
+    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": ["model.safetensors"]}}))
+    return judge(ctx.run("fuse", "inspect", m))
+
+
+@probe("inputs", "generate: fuse_config names a member dir outside the fused dir")
+def _(ctx):
+    fused = fresh_fused(ctx, ctx.scratch / "fused")
+    cfg = json.loads((fused / "fuse_config.json").read_text())
+    cfg["members"][1]["dir"] = str(ctx.root / "fused" / "members" / cfg["members"][1]["name"])
+    (fused / "fuse_config.json").write_text(json.dumps(cfg))
+    return judge(ctx.run("fuse", "generate", fused, "--image", ctx.root / "images" / "0.png", "--prompt", "hi"))
+
+
 # -- Python API --------------------------------------------------------------------------------------------
 API_PROBES = {
     "generate(None image)": "m.generate([None], ['<image>\\nWhat?'], max_new_tokens=2)",
@@ -1181,7 +1240,7 @@ for _label, _call in API_PROBES.items():
 # --------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-k", default=None, help="Only probes whose name contains this text.")
+    ap.add_argument("-k", default=None, help="Only probes whose name contains this text (alternatives: a|b).")
     ap.add_argument("-v", "--verbose", action="store_true", help="Print each probe's commands and output.")
     ap.add_argument("--work", default=None, help="Scratch dir (default: a temp dir, removed at the end).")
     ap.add_argument("--json", default=None, help="Write the results here.")
@@ -1197,7 +1256,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
         build_fixtures(root)
     print(f"fixtures ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    selected = [p for p in PROBES if not args.k or args.k.lower() in p.name.lower()]
+    keys = [k.strip().lower() for k in (args.k or "").split("|") if k.strip()]
+    selected = [p for p in PROBES if not keys or any(k in p.name.lower() for k in keys)]
     results = []
     for i, p in enumerate(selected):
         scratch = work / f"p{i:03d}"
@@ -1211,7 +1271,8 @@ def main(argv: list[str] | None = None) -> int:
             res = Outcome("wrong", f"probe failed: {e.__class__.__name__}: {e}")
             ctx.log.append(traceback.format_exc())
         dt = time.perf_counter() - t
-        results.append({"name": p.name, "area": p.area, "kind": res.kind, "detail": res.detail, "seconds": round(dt, 1)})
+        results.append({"name": p.name, "area": p.area, "kind": res.kind, "detail": res.detail,
+                        "seconds": round(dt, 1)})
         print(f"{res.kind:10s} {dt:5.1f}s  {p.name}" + (f"  -- {res.detail}" if res.detail else ""), flush=True)
         if args.verbose:
             print(textwrap.indent("\n".join(ctx.log)[-4000:], "    | "), flush=True)

@@ -8,10 +8,9 @@ at a time.
 
 Writing: :class:`ShardedWriter` appends tensors into shards of at most
 ``max_shard_bytes``; shards are flushed as they fill, so at most one shard's
-worth of tensors is buffered. Everything goes to a temporary sibling directory
-that is renamed into place on :meth:`ShardedWriter.close` (see
-:func:`atomic_output_dir`), so a crash or Ctrl-C never leaves a half-written
-output.
+worth of tensors is buffered. Callers write into the temporary directory of
+:func:`fuse.output_dir.atomic_output_dir`, renamed into place when complete, so a
+crash or Ctrl-C never leaves a half-written output.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
-from .output_dir import atomic_output_dir  # noqa: F401  (the output mechanism; re-exported)
+from .output_dir import atomic_output_dir  # noqa: F401  (its former home: old imports keep working)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

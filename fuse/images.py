@@ -45,7 +45,7 @@ def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
         raise DataError(f"image: expected a file path or a PIL image, got {type(path).__name__}{hint}")
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: image file not found")
+        raise DataError(f"{p}: {'a directory, not an image file' if p.is_dir() else 'image file not found'}")
     try:
         with Image.open(p) as im:
             im.load()

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from .errors import CheckpointError
 
@@ -129,7 +129,10 @@ def _not_replaceable(out: Path, st: os.stat_result) -> str | None:
     kind = _kind(st.st_mode)
     if kind != "directory":
         return f"is a {kind}"
-    cwd = os.getcwd()
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the current directory was deleted: it cannot be OUT
+        cwd = ""
     if cwd == str(out) or cwd.startswith(str(out).rstrip(os.sep) + os.sep):
         return "is (or contains) the current directory"
     try:
@@ -142,9 +145,24 @@ def _not_replaceable(out: Path, st: os.stat_result) -> str | None:
     return "was not written by this toolkit"
 
 
-def check_output(out: str | os.PathLike, force: bool = False) -> Path:
+def refuse_overlap(out: str | os.PathLike, inputs: Sequence[tuple[str, str | os.PathLike | None]]) -> None:
+    """OUT must not be, contain or sit inside an input (``(label, path)``; None paths are skipped):
+    replacing it would delete what the run reads, even when it is an earlier output of this toolkit."""
+    o = os.path.realpath(out)  # realpath: a symlink loop is not an exception here
+    for label, src in inputs:
+        if src is None:
+            continue
+        s = os.path.realpath(src)
+        if o == s or s.startswith(o.rstrip(os.sep) + os.sep) or o.startswith(s.rstrip(os.sep) + os.sep):
+            raise CheckpointError(f"{out}: output overlaps the input {label} ({src}); choose another output directory")
+
+
+def check_output(out: str | os.PathLike, force: bool = False,
+                 inputs: Sequence[tuple[str, str | os.PathLike | None]] = ()) -> Path:
     """Refuse ``out`` unless it is absent, or ``force`` and it is an empty directory or one this toolkit
-    wrote. Returns the absolute path (symlinks not resolved: a symlink at OUT is refused, not followed)."""
+    wrote; and whatever ``force`` says, if it overlaps one of ``inputs`` (:func:`refuse_overlap`).
+    Returns the absolute path (symlinks not resolved: a symlink at OUT is refused, not followed)."""
+    refuse_overlap(out, inputs)
     out = Path(os.path.abspath(out))
     try:
         st = os.lstat(out)
@@ -411,4 +429,4 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, note: Note = 
 
 
 __all__ = ["MARKER", "Interrupted", "atomic_output_dir", "check_output", "interrupt_on_sigterm", "is_own_output",
-           "rename_noreplace", "sweep_stale"]
+           "refuse_overlap", "rename_noreplace", "sweep_stale"]

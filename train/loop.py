@@ -157,7 +157,10 @@ class Trainer:
                 pass
         except OSError as e:
             raise CheckpointError(f"{self.out}: cannot write the output directory ({e.strerror})") from None
-        check_output(self.out / FINAL, force=True)
+        cfg = self.cfg
+        check_output(self.out / FINAL, force=True, inputs=[("--from", cfg.from_dir), ("--llm", cfg.llm),
+                                                           ("--data", cfg.data.train),
+                                                           ("--image-root", cfg.data.image_root)])
         if self.resume_from is not None:
             return
         used = [p.name for p in self.out.iterdir() if p.name in (CHECKPOINTS, FINAL, "train_log.jsonl")]

@@ -9,7 +9,6 @@ vision branches are loaded one at a time, only to be saved.
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,8 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..output_dir import atomic_output_dir, check_output
-from ..errors import CheckpointError, FuseError
+from ..output_dir import atomic_output_dir, check_output, refuse_overlap
+from ..errors import FuseError
 from ..recipe import Recipe
 from .checksums import BackgroundChecksums
 from .family import FamilyReport, check_family
@@ -153,15 +152,6 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
     return writer.bytes_written
 
 
-def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
-    """OUT must not be, contain or sit inside an input (``--force`` would delete it)."""
-    o = Path(os.path.realpath(out))  # realpath: a symlink loop is not an exception here
-    for field, src in sources:
-        s = Path(os.path.realpath(src))
-        if o == s or s.is_relative_to(o) or o.is_relative_to(s):
-            raise CheckpointError(f"{out}: output overlaps the input {field} ({src}); choose another output directory")
-
-
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
               allow_foreign: bool = False, progress: bool = True, checksums: bool = True,
               echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None) -> MergeResult:
@@ -188,7 +178,7 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     prep = prepare(recipe, allow_foreign, echo=echo)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
-    _refuse_overlap(out, inputs)
+    refuse_overlap(out, inputs)  # even with --force, and in a dry run
     text_index = recipe.text_member_index()
     tok_src = tokenizer_source(recipe, members[text_index], base)
     plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)

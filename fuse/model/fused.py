@@ -24,6 +24,7 @@ member with no LLM uses its own LLM and reproduces the original model).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 import warnings
@@ -637,7 +638,7 @@ def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: 
                      seed: int | None = None) -> None:
     """One-line errors for generation settings transformers would reject with a traceback (or take
     silently): called by :meth:`FusedModel.generate` and by the CLIs before a model is loaded."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise FuseError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
     if do_sample:
         if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
@@ -645,7 +646,7 @@ def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: 
                             "(for greedy decoding, do not sample)")
         if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
             raise FuseError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64):
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise FuseError(f"seed: expected an integer in [0, 2^64), got {seed!r}")
 
 

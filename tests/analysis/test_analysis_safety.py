@@ -63,3 +63,14 @@ def test_read_only_parent_and_seed_out_of_range(family, square_images, tmp_path,
     r = _align(recipe, square_images, tmp_path / "rep", "--seed", str(10 ** 29))
     assert r.exit_code == 2 and "Invalid value for '--seed'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "rep").exists()
+
+
+def test_a_report_never_replaces_what_it_reads(family, square_images, tmp_path, one_error):
+    """--force may replace an earlier output of this toolkit, but not the fused model the report reads."""
+    from fuse.testing.fused import build_fused_dir
+
+    fused = build_fused_dir(tmp_path / "fused", [family["hf1"], family["hf2"]])
+    before = sorted(str(p.relative_to(fused)) for p in fused.rglob("*"))
+    msg = one_error(_align(fused, square_images, fused, "--force"))
+    assert f"output overlaps the input SOURCE ({fused})" in msg
+    assert sorted(str(p.relative_to(fused)) for p in fused.rglob("*")) == before

@@ -12,10 +12,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fuse.checkpoint import LazyCheckpoint, ShardedWriter, atomic_output_dir, parse_size
+from fuse.checkpoint import LazyCheckpoint, ShardedWriter, parse_size
 from fuse.cli import main
 from fuse.errors import CheckpointError
-from fuse.output_dir import MARKER
+from fuse.output_dir import MARKER, atomic_output_dir
 
 
 def _write_sharded(d, n_tensors=6, numel=2_500_000, shard="25MB"):

@@ -74,3 +74,17 @@ def test_output_dir_checks_before_any_work(tmp_path, stopped_run, cli, read_only
     res = cli("comm", "-c", str(cfg), "-o", str(run), "--force")
     assert res.exit_code == 0, res.output
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine too" and (run / "final" / "config.json").is_file()
+
+
+def test_final_is_never_written_over_the_previous_stage(tmp_path, stopped_run, cli, one_error):
+    """Stage 2 from RUN/final into RUN with --force would replace the model it starts from."""
+    cfg, src = stopped_run
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    res = cli("comm", "-c", str(cfg), "-o", str(run), "--resume", "auto")  # finish stage 1: RUN/final
+    assert res.exit_code == 0, res.output
+    before = (run / "final" / "model.safetensors").read_bytes()
+    msg = one_error(cli("comm", "--stage", "2", "-c", str(cfg), "--from", str(run / "final"), "-o", str(run),
+                        "--force"))
+    assert f"output overlaps the input --from ({run / 'final'})" in msg
+    assert (run / "final" / "model.safetensors").read_bytes() == before
