@@ -352,14 +352,16 @@ def _(ctx):
 @probe("output", "merge: existing user dir without --force")
 def _(ctx):
     out = user_dir(ctx.scratch / "out")
-    return judge(ctx.run("fuse", *merge_args(ctx, out)), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out)), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "out")])
 
 
 @probe("output", "merge --force: user dir not written by fuse")
 def _(ctx):
     out = user_dir(ctx.scratch / "out")
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "out")])
 
 
@@ -381,7 +383,8 @@ def _(ctx):
 def _(ctx):
     out = ctx.scratch / "out"
     out.write_text("my notes\n")
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "out")])
 
 
@@ -390,7 +393,8 @@ def _(ctx):
     target = user_dir(ctx.scratch / "precious")
     out = ctx.scratch / "out"
     out.symlink_to(target)
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=[unchanged(out), unchanged(target)],
+    keep = [unchanged(out), unchanged(target)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "out")])
 
 
@@ -398,7 +402,8 @@ def _(ctx):
 def _(ctx):
     out = ctx.scratch / "out"
     os.mkfifo(out)
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force"), timeout=120), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force"), timeout=120), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "out")])
 
 
@@ -408,7 +413,8 @@ def _(ctx):
         return s
     out = ctx.scratch / "null"
     os.mknod(out, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "null")])
 
 
@@ -422,14 +428,16 @@ def _(ctx):
     data["output"]["dir"] = str(out)
     rec = ctx.scratch / "r.yaml"
     rec.write_text(yaml.safe_dump(data))
-    return judge(ctx.run("fuse", "merge", rec, "--force", "-q", "--no-checksums"), lost=[unchanged(out)],
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", "merge", rec, "--force", "-q", "--no-checksums"), lost=keep,
                  checks=[no_leftovers(ctx.scratch, "notes.txt")])
 
 
 @probe("output", "merge --force: OUT is the current directory")
 def _(ctx):
     here = user_dir(ctx.scratch / "work")
-    return judge(ctx.run("fuse", *merge_args(ctx, Path("."), "--force"), cwd=here), lost=[unchanged(here)])
+    keep = [unchanged(here)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, Path("."), "--force"), cwd=here), lost=keep)
 
 
 @probe("output", "merge: a directory created at OUT while the merge runs")
@@ -541,14 +549,16 @@ def _(ctx):
 def _(ctx):
     out = ctx.scratch / "loop"
     out.symlink_to("loop")
-    return judge(ctx.run("fuse", *merge_args(ctx, out)), lost=[unchanged(out)])
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out)), lost=keep)
 
 
 @probe("output", "merge --force: OUT is a symlink loop")
 def _(ctx):
     out = ctx.scratch / "loop"
     out.symlink_to("loop")
-    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=[unchanged(out)])
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, out, "--force")), lost=keep)
 
 
 @probe("output", "merge: OUT inside a symlink loop")
@@ -562,7 +572,8 @@ def _(ctx):
 def _(ctx):
     f = ctx.scratch / "file"
     f.write_text("x")
-    return judge(ctx.run("fuse", *merge_args(ctx, f / "out")), lost=[unchanged(f)])
+    keep = [unchanged(f)]  # before the run
+    return judge(ctx.run("fuse", *merge_args(ctx, f / "out")), lost=keep)
 
 
 @probe("output", "merge: disk full")
@@ -583,7 +594,8 @@ def _(ctx):
 @probe("output", "demo --force: user dir")
 def _(ctx):
     out = user_dir(ctx.scratch / "demo")
-    return judge(ctx.run("fuse", "demo", "-o", out, "--force"), lost=[unchanged(out)])
+    keep = [unchanged(out)]  # before the run
+    return judge(ctx.run("fuse", "demo", "-o", out, "--force"), lost=keep)
 
 
 @probe("output", "demo: read-only parent")
@@ -630,9 +642,10 @@ def _(ctx):
 @probe("output", "analysis align --force: user dir")
 def _(ctx):
     out = user_dir(ctx.scratch / "rep")
+    keep = [unchanged(out)]  # before the run
     r = ctx.run("analysis", "align", ctx.root / "recipe.yaml", "--images", ctx.root / "images", "--n", 2,
                 "--workers", 0, "-q", "-o", out, "--force")
-    return judge(r, lost=[unchanged(out)])
+    return judge(r, lost=keep)
 
 
 @probe("output", "analysis align: read-only parent")
@@ -648,16 +661,18 @@ def _(ctx):
 def _(ctx):
     out = ctx.scratch / "loop"
     out.symlink_to("loop")
+    keep = [unchanged(out)]  # before the run
     r = ctx.run("analysis", "align", ctx.root / "recipe.yaml", "--images", ctx.root / "images", "--n", 2,
                 "--workers", 0, "-q", "-o", out, "--force")
-    return judge(r, lost=[unchanged(out)])
+    return judge(r, lost=keep)
 
 
 @probe("output", "toyworld generate --force: user dir")
 def _(ctx):
     out = user_dir(ctx.scratch / "toy")
+    keep = [unchanged(out)]  # before the run
     return judge(ctx.run("fuse", "toyworld", "generate", "-o", out, "--n-train", 4, "--n-test", 4, "--force"),
-                 lost=[unchanged(out)])
+                 lost=keep)
 
 
 @probe("output", "toyworld compare -o DIR: DIR/test and DIR/fused-* hold user files")
@@ -700,6 +715,7 @@ def _(ctx):
 def _(ctx):
     f = ctx.scratch / "model"
     f.write_text("mine\n")
+    keep = [unchanged(f)]  # before the run
     r = ctx.python(f"""
         import fuse
         from fuse.errors import FuseError
@@ -710,7 +726,7 @@ def _(ctx):
             print("error:", e)
             raise SystemExit(2)
     """)
-    return judge(Run(r.rc, r.out, r.out + r.err, r.timed_out), lost=[unchanged(f)])
+    return judge(Run(r.rc, r.out, r.out + r.err, r.timed_out), lost=keep)
 
 
 @probe("output", "save_pretrained: a fused model saved and reloaded")
