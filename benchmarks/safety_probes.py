@@ -12,7 +12,7 @@ subprocess: real signals, real exit codes) or the Python API, and sorts the resu
 - ``data_lost``: a file or directory the user owned was deleted, replaced or changed;
 - ``wrong``: anything else (a hang, a temp dir left behind, a missing warning, a wrong result).
 
-Usage (about 10 minutes on 2 busy cores; root is needed for the FIFO/device/read-only/disk-full
+Usage (about 15 minutes on 2 busy cores; root is needed for the FIFO/device/read-only/disk-full
 probes, which are skipped otherwise)::
 
     python benchmarks/safety_probes.py                  # all probes, summary table
