@@ -165,13 +165,18 @@ def snapshot(path: Path) -> dict[str, bytes | str]:
 
 
 def unchanged(path: Path) -> Callable[[], str | None]:
+    """A check that everything at ``path`` now is still there, unchanged (additions are not a loss:
+    :func:`no_leftovers` and the probes' own checks catch those)."""
     before = snapshot(path)
 
     def check() -> str | None:
         after = snapshot(path)
-        if after != before:
-            gone = sorted(set(before) - set(after))
-            return f"{path}: changed ({'removed ' + ', '.join(gone[:3] or ['(root)']) if gone else 'content'})"
+        gone = [k or "(itself)" for k in sorted(before) if k not in after]
+        changed = [k or "(itself)" for k in sorted(before) if k in after and after[k] != before[k]]
+        if gone:
+            return f"{path}: removed {', '.join(gone[:3])}"
+        if changed:
+            return f"{path}: changed {', '.join(changed[:3])}"
         return None
     return check
 
