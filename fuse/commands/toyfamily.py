@@ -40,7 +40,6 @@ def register(group: click.Group) -> None:
         """
         from ..errors import FuseError
         from ..eval.runner import write_results
-        from ..output_dir import check_output
         from ..toyfamily import ASSETS, DEFAULT_LIMIT, compare
 
         fam = family or ASSETS
@@ -55,7 +54,6 @@ def register(group: click.Group) -> None:
         bad = [m for m in ms if m not in MERGE_METHODS]
         if bad or not ms:
             raise FuseError(f"--methods: {', '.join(bad) or '(empty)'} not among {', '.join(MERGE_METHODS)}")
-        check_output(out, force)
         t0 = time.perf_counter()
         doc = compare(out, family=fam, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
                       budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,

@@ -63,7 +63,7 @@ def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = Non
     return Prepared(recipe, base, members, report)
 
 
-def _notall_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
+def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
                 out_dtype: torch.dtype) -> MergeError:
     bad = [label for label, t in inputs if t is not None and not all_finite(t)]
     cause = (f"input{'s' if len(bad) > 1 else ''} {', '.join(bad)} already contain{'' if len(bad) > 1 else 's'} "
@@ -120,11 +120,11 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
         job, rows, owner = loaded.piece.job, (loaded.piece.start, loaded.piece.stop), loaded.piece.owner
         if owner is not None:  # carried rows: written as stored (read in the output dtype)
             if not all_finite(loaded.carried):
-                raise _notall_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
+                raise _not_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
             return loaded.carried
         out = merger(loaded.members, loaded.base, job.out_dtype, job.name)
         if not all_finite(out):
-            raise _notall_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
+            raise _not_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
                               [("base_model", loaded.base)], job.out_dtype)
         return out
 
