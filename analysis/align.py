@@ -31,8 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fuse.cli_utils import resolve_device
+
 from . import metrics as M
-from .features import BranchTokens, ExtractStats, ImageSelection, iter_features, resolve_device
+from .features import BranchTokens, ExtractStats, ImageSelection, iter_features
 from .report import Report, intake_bullets, heatmap, plt
 from .sources import Sources
 

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from fuse.cli_utils import resolve_device
 from fuse.errors import CheckpointError, DataError
 
-from .features import (ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, resolve_device,
-                       tensor_digest)
+from .features import ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, tensor_digest
 from .report import Report, intake_bullets, plt
 
 

@@ -37,7 +37,7 @@ def pipeline_options(default_out: str, default_batch: int = 8) -> Callable:
             click.option("--dtype", default=None, help="Model dtype (float32, float16, bfloat16) [default: as stored]."),
             click.option("--cache", "cache_dir", default=None, type=click.Path(),
                          help="Feature cache directory (safetensors per image; re-runs are instant)."),
-            click.option("--seed", default=0, show_default=True, type=int),
+            click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1)),
             click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
         ]
         for o in reversed(opts):
@@ -45,6 +45,20 @@ def pipeline_options(default_out: str, default_batch: int = 8) -> Callable:
         return fn
 
     return deco
+
+
+def _inputs(images: str, cache_dir: str | None, **named: str | None) -> list[tuple[str, str | None]]:
+    """What a report command reads, for the output-overlap check: a report is never written over (or
+    around) its inputs, even with --force. A recipe SOURCE adds its members and base model."""
+    out: list[tuple[str, str | None]] = [("--images", images), ("--cache", cache_dir), *named.items()]
+    src = named.get("SOURCE")
+    if src and str(src).endswith((".yaml", ".yml")) and Path(src).is_file():
+        from fuse.recipe import load_recipe
+
+        r = load_recipe(src)
+        out += [(f"{src}: members[{i}].model", m.model) for i, m in enumerate(r.members) if Path(m.model).exists()]
+        out += [(f"{src}: base_model", r.base_model)] if r.base_model and Path(r.base_model).exists() else []
+    return out
 
 
 def _quiet(quiet: bool) -> None:
@@ -82,7 +96,7 @@ def align_cmd(source: str, n: int, control: str, ridge: float, prompt: str, imag
     from .report import Report
     from .sources import load_sources
 
-    Report.check_output(out, force)
+    Report.check_output(out, force, _inputs(images, cache_dir, SOURCE=source))
     _quiet(quiet)
     sel = select_images(images, n, seed)
     if sel.note:
@@ -126,7 +140,7 @@ def blind_pairs_cmd(clip_src: str, dino_src: str, clip_kind: str, dino_kind: str
     from .features import select_images
     from .report import Report
 
-    Report.check_output(out, force)
+    Report.check_output(out, force, _inputs(images, cache_dir, **{"--clip": clip_src, "--dino": dino_src}))
     _quiet(quiet)
     sel = select_images(images, n, seed)
     if sel.note:
@@ -163,7 +177,7 @@ def layers_cmd(kind: str, model: str | None, config: str | None, n: int, pool: s
     from .layers import build_report, load_encoder, run_layers
     from .report import Report
 
-    Report.check_output(out, force)
+    Report.check_output(out, force, _inputs(images, cache_dir, **{"--model": model, "--config": config}))
     _quiet(quiet)
     enc = load_encoder(kind, model, config, dtype=parse_dtype(dtype))
     sel = select_images(images, n, seed)
@@ -211,11 +225,11 @@ def attention_cmd(fused_dir: str, questions: str, n: int | None, layers_spec: st
     FUSED_DIR: a fused model directory (`fuse merge` output).
     """
     from .attention import build_report, read_questions, run_attention
-    from .features import resolve_device
+    from fuse.cli_utils import resolve_device
     from .report import Report
     from .sources import require_fused
 
-    Report.check_output(out, force)
+    Report.check_output(out, force, _inputs(images, cache_dir, FUSED_DIR=fused_dir, **{"--questions": questions}))
     _quiet(quiet)
     root = require_fused(fused_dir)
     layers = _parse_layers(layers_spec)

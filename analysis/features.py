@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fuse.cli_utils import resolve_device
 from fuse.errors import DataError
 from fuse.images import list_images, load_image
 
@@ -374,21 +375,6 @@ class FeatureBatch:
 
 def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu; anything else must be a valid torch device."""
-    from fuse.errors import FuseError
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise FuseError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FuseError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def iter_features(paths: Sequence[str | os.PathLike], extractor: Extractor | dict[str, Extractor], *,

@@ -8,20 +8,16 @@ at a time.
 
 Writing: :class:`ShardedWriter` appends tensors into shards of at most
 ``max_shard_bytes``; shards are flushed as they fill, so at most one shard's
-worth of tensors is buffered. Everything goes to a temporary sibling directory
-that is renamed into place on :meth:`ShardedWriter.close` (see
-:func:`atomic_output_dir`), so a crash or Ctrl-C never leaves a half-written
-output.
+worth of tensors is buffered. Callers write into the temporary directory of
+:func:`fuse.output_dir.atomic_output_dir`, renamed into place when complete, so a
+crash or Ctrl-C never leaves a half-written output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +28,7 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError
 from .units import parse_size  # noqa: F401  (re-exported: fuse.checkpoint.parse_size)
+from .output_dir import atomic_output_dir  # noqa: F401  (its former home: old imports keep working)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -159,8 +156,11 @@ class LazyCheckpoint:
             try:
                 index = json.loads((p / INDEX_NAME).read_text())
                 names = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{p / INDEX_NAME}: not a valid index (needs a 'weight_map' object)") from None
+            for n in names:  # a file name inside this folder (HF cache symlinks may point elsewhere: fine)
+                if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts or not n:
+                    raise CheckpointError(f"{p / INDEX_NAME}: shard {n!r} is not a file name inside {p}")
             out = [p / n for n in names]
         elif (p / SINGLE_NAME).exists():
             out = [p / SINGLE_NAME]
@@ -252,34 +252,6 @@ class LazyCheckpoint:
         return out
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; rename it to ``out`` on success.
-
-    An existing ``out`` is refused unless ``force``; with ``force`` it is replaced
-    only after the new content is complete. On any exception (Ctrl-C included)
-    the temporary directory is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal directory permissions
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardedWriter:

@@ -46,14 +46,17 @@ def inspect(model: str, fmt: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def demo(out: str, force: bool) -> None:
     """Build a tiny two-member LLaVA family and inspect it (no downloads)."""
-    from .checkpoint import atomic_output_dir
     from .members import load_member
+    from .output_dir import atomic_output_dir
     from .testing import build_base_llm, build_llava_hf_member, build_llava_member, random_image
 
+    final = Path(out).absolute()
     with atomic_output_dir(out, force=force) as tmp:
         base = build_base_llm(tmp / "base", seed=0)
-        a, _ = build_llava_hf_member(tmp / "member_a", base, seed=1)
-        b = build_llava_member(tmp / "member_b", base, seed=2)
+        build_llava_hf_member(tmp / "member_a", base, seed=1)
+        # member_b names its CLIP tower by path (as LLaVA-1.5 names openai/clip-...): record where the
+        # tower will be after the rename, not inside the temporary build directory
+        build_llava_member(tmp / "member_b", base, seed=2, tower_ref=final / "member_b-clip")
     click.echo(f"built tiny family in {out}: base, member_a (llava-hf), member_b (llava)")
     img = random_image(0, (56, 56))
     for name in ("member_a", "member_b"):

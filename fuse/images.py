@@ -55,13 +55,20 @@ def load_image(path: str | os.PathLike | Image.Image, alpha: str = "drop") -> Im
         raise ValueError(f"alpha must be one of {', '.join(ALPHA_MODES)}, got {alpha!r}")
     if isinstance(path, Image.Image):
         return to_rgb(path, alpha)
+    if not isinstance(path, (str, os.PathLike)):
+        hint = " (convert a tensor with torchvision's to_pil_image or PIL.Image.fromarray)" \
+            if type(path).__name__ in ("Tensor", "ndarray") else ""
+        raise DataError(f"image: expected a file path or a PIL image, got {type(path).__name__}{hint}")
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: image file not found")
+        raise DataError(f"{p}: {'a directory, not an image file' if p.is_dir() else 'image file not found'}")
     try:
         with Image.open(p) as im:
             im.load()
             return to_rgb(im, alpha)
+    except Image.DecompressionBombError:  # PIL refuses > 2 x MAX_IMAGE_PIXELS before decoding
+        raise DataError(f"{p}: image too large to decode safely (more than {2 * Image.MAX_IMAGE_PIXELS} "
+                        "pixels; PIL's decompression-bomb limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{p}: unreadable image ({e.__class__.__name__})") from None
 

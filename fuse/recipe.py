@@ -47,6 +47,39 @@ MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"
 MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
+NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a member name is a directory name under OUT/members/
+MAX_YAML_NODES = 100_000  # a recipe has tens of values; YAML aliases can expand to billions
+
+
+def derive_member_name(source: str | os.PathLike) -> str:
+    """A member name from a path or hub id, valid as :data:`NAME_RX` requires: the basename of the
+    directory it points to (so ``x/..`` or ``.`` name a real directory, never ``..``), with other
+    characters replaced by ``_`` and leading dots dropped; ``member`` if nothing is left."""
+    p = Path(os.path.expanduser(str(source).rstrip("/\\") or str(source)))
+    name = p.name
+    if name in ("", ".", "..") or str(p).endswith(("/.", "/..")):
+        name = Path(os.path.realpath(p)).name  # what the path points to (a symlinked dir keeps its own name)
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
+    return stem if NAME_RX.fullmatch(stem) else "member"
+
+
+def check_yaml_size(data: Any, label: str) -> None:
+    """Refuse YAML whose aliases expand to more than :data:`MAX_YAML_NODES` values (a "billion laughs"
+    bomb would otherwise run a whole merge before failing with MemoryError, or hang on printing)."""
+    stack, seen = [data], 0
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise RecipeError(f"{label}: expands to more than {MAX_YAML_NODES} values (YAML aliases?); "
+                              "write the values out")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+
+
 MethodName = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"]
 FormatName = Literal["auto", "llava-hf", "llava", "mgm", "slime", "comm"]
 DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
@@ -90,7 +123,7 @@ class MemberSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        if v is not None and not NAME_RX.fullmatch(v):
             raise ValueError(f"{v!r} must be a plain directory name (letters, digits, . _ -)")
         return v
 
@@ -154,7 +187,7 @@ class Recipe(_Strict):
             if m.name:
                 names.append(m.name)
                 continue
-            stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(m.model.rstrip("/\\")).name) or "member"
+            stem = derive_member_name(m.model)
             cand, k = stem, 1
             while cand in names or cand in explicit:
                 k += 1
@@ -196,6 +229,12 @@ class Recipe(_Strict):
         if self.text.member is not None and self.text.member not in all_names:
             raise self.error("text.member", f"{self.text.member!r} is not a member name "
                              f"(members: {', '.join(all_names)})")
+        from .model.options import InferenceOptions
+
+        try:  # checked now, not first at `fuse generate` after the whole merge
+            InferenceOptions.parse(self.inference, all_names)
+        except RecipeError as e:
+            raise RecipeError(f"{self.label}: {e}") from None
         return self
 
 
@@ -245,6 +284,7 @@ def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike |
     ``check=False`` skips :meth:`Recipe.check` (the rules that need mergekit's method specs, and so
     torch): the caller runs it later, e.g. ``fuse merge`` after it has started hashing the inputs."""
     label = source or "recipe"
+    check_yaml_size(data, label)
     if not isinstance(data, dict):
         raise RecipeError(f"{label}: expected a mapping with base_model, members, merge, ... at the top level")
     try:
@@ -283,5 +323,5 @@ def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
     return parse_recipe(data, source=str(p), root=p.parent.resolve(), check=check)
 
 
-__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
-           "TextSpec", "load_recipe", "parse_recipe"]
+__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "NAME_RX", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
+           "TextSpec", "check_yaml_size", "derive_member_name", "load_recipe", "parse_recipe"]

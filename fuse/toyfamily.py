@@ -199,17 +199,27 @@ def _export_base(final: Path, dest: Path) -> Path:
 # --- the whole run ----------------------------------------------------------------------------------------
 
 def train_family(out: str | os.PathLike, seed: int = 0, work: str | os.PathLike | None = None,
-                 steps_scale: float = 1.0, echo=print) -> dict[str, Any]:
-    """Generate the world, train base + members + comm into ``out``; returns figures.json's content."""
+                 steps_scale: float = 1.0, echo=print, force: bool = False, keep_work: bool = True) -> dict[str, Any]:
+    """Generate the world, train base + members + comm into ``out`` (atomically: a temp dir renamed at
+    the end; an existing ``out`` needs ``force``); returns figures.json's content.
+    ``work``: scratch dir (default ``out/work``, dropped before the rename unless ``keep_work``)."""
+    from .output_dir import atomic_output_dir
+
+    with atomic_output_dir(out, force=force) as tmp:
+        scratch = Path(work) if work is not None else tmp / "work"
+        figures = _train_family(tmp, seed, scratch, steps_scale, echo)
+        if work is None and not keep_work:
+            shutil.rmtree(scratch)
+    return figures
+
+
+def _train_family(out: Path, seed: int, work: Path, steps_scale: float, echo) -> dict[str, Any]:
     from train.api import train as run_train
 
     from .testing import build_base_llm
     from .toyworld import generate
 
-    out = Path(out)
-    work = Path(work) if work is not None else out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
 
     def sched(s: dict) -> dict:
@@ -348,14 +358,14 @@ def write_test_split(directory: str | os.PathLike, seed: int = 0) -> Path:
     without writing the training split. Returns the split dir."""
     import hashlib
 
-    from .checkpoint import atomic_output_dir
+    from .output_dir import atomic_output_dir
     from .toyworld import build_split, write_split
 
     size, mc = WORLD["size"], WORLD["mc_answer"]
     train = build_split("train", WORLD["n_train"] // 2, seed, size, mc)
     seen = {hashlib.sha256(b).hexdigest() for b in train.images}
     test = build_split("test", WORLD["n_test"] // 2, seed, size, mc, exclude=seen)
-    with atomic_output_dir(directory, force=True) as tmp:
+    with atomic_output_dir(directory) as tmp:
         write_split(test, tmp)
     return Path(directory)
 
@@ -363,12 +373,27 @@ def write_test_split(directory: str | os.PathLike, seed: int = 0) -> Path:
 def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLike = ASSETS,
             limit: int | None = DEFAULT_LIMIT, methods: Sequence[str] = METHODS, budget: str | None = BUDGET,
             models: Sequence[str] | None = None, batch_size: int = EVAL["batch_size"], echo=print,
-            progress: bool = False) -> dict[str, Any]:
+            progress: bool = False, force: bool = False) -> dict[str, Any]:
     """Merge the toy family (each method), evaluate members, fused models and COMM on the test split.
 
-    Writes ``out/test`` (the split), ``out/fused-<method>`` (merge outputs) and ``out/compare.json``;
-    returns the JSON document (``rows``: model -> :data:`COLUMNS` figures).
+    Writes ``out/test`` (the split), ``out/fused-<method>`` (merge outputs) and ``out/compare.json``,
+    atomically: everything goes to a temp dir renamed to ``out`` at the end; an existing ``out`` needs
+    ``force`` (and is replaced only if an earlier run of this toolkit wrote it). Returns the JSON
+    document (``rows``: model -> :data:`COLUMNS` figures; paths name ``out``, not the temp dir).
     """
+    from .output_dir import atomic_output_dir
+
+    with atomic_output_dir(out, force=force) as tmp:
+        doc = _compare(tmp, Path(family), limit, methods, budget, models, batch_size, echo, progress)
+        doc["test"] = str(Path(out) / "test")
+        from .eval.runner import write_results
+
+        write_results(doc, tmp / "compare.json")
+    return doc
+
+
+def _compare(out: Path, family: Path, limit: int | None, methods: Sequence[str], budget: str | None,
+             models: Sequence[str] | None, batch_size: int, echo, progress: bool) -> dict[str, Any]:
     import torch
 
     from .eval import EvalConfig, evaluate
@@ -376,7 +401,6 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     from .merge import run_merge
 
     t_all = time.perf_counter()
-    out, family = Path(out), Path(family)
     figures = json.loads((family / "figures.json").read_text()) if (family / "figures.json").is_file() else {}
     seed = int(figures.get("seed", 0))
     test = write_test_split(out / "test", seed)
@@ -393,7 +417,7 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
         tag = label.split(":", 1)[1].replace("+", "_").replace(":", "")
         recipe = family_recipe(family, method, out / f"fused-{tag}", inference)
         t0 = time.perf_counter()
-        run_merge(recipe, force=True, progress=False, checksums=False, echo=lambda *a, **k: None)
+        run_merge(recipe, progress=False, checksums=False, echo=lambda *a, **k: None)
         merge_s += time.perf_counter() - t0
         jobs.append((label, Path(recipe.output.dir)))
     jobs.append(("comm", family / "comm"))
@@ -410,9 +434,6 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     doc = {"family": str(family), "test": str(test), "limit_per_part": limit, "eval": {**EVAL, "batch_size": batch_size},
            "ties_density": TIES_DENSITY, "columns": list(COLUMNS), "rows": rows,
            "merge_seconds": round(merge_s, 2), "total_seconds": round(time.perf_counter() - t_all, 1)}
-    from .eval.runner import write_results
-
-    write_results(doc, out / "compare.json")
     return doc
 
 
@@ -440,13 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--work", default=None, help="Scratch dir (default OUT/work, removed at the end unless --keep).")
-    t.add_argument("--keep", action="store_true")
+    t.add_argument("--keep", action="store_true", help="Keep OUT/work.")
+    t.add_argument("--force", action="store_true", help="Replace an earlier output of this command.")
     t.add_argument("--steps-scale", type=float, default=1.0, help="Scale every schedule (quick trials).")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    figures = train_family(args.out, seed=args.seed, work=args.work, steps_scale=args.steps_scale)
-    if not args.keep:
-        shutil.rmtree(Path(args.work) if args.work else Path(args.out) / "work", ignore_errors=True)
+    figures = train_family(args.out, seed=args.seed, work=args.work, steps_scale=args.steps_scale,
+                           force=args.force, keep_work=args.keep)
     print(json.dumps(figures["eval"]["rows"], indent=1))
     print(f"done in {time.perf_counter() - t0:.0f} s -> {args.out}")
     return 0

@@ -62,3 +62,50 @@ def launch():
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
     return run
+
+
+@pytest.fixture()
+def read_only_dir():
+    """``with read_only_dir(path):`` makes ``path`` (created if needed) unwritable, even for root
+    (``chattr +i``; plain chmod otherwise); skips the test where neither works."""
+    import contextlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    @contextlib.contextmanager
+    def make(path):
+        path.mkdir(parents=True, exist_ok=True)
+        immutable = os.geteuid() == 0 and shutil.which("chattr") is not None and \
+            subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+        if not immutable:
+            path.chmod(0o555)
+        try:
+            try:
+                tempfile.TemporaryFile(dir=path).close()
+                pytest.skip(f"cannot make {path} read-only here")
+            except OSError:
+                pass
+            yield path
+        finally:
+            if immutable:
+                subprocess.run(["chattr", "-i", str(path)], check=True)
+            else:
+                path.chmod(0o755)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def one_error():
+    """``one_error(result)``: the single ``error: ...`` line of a click run that failed cleanly
+    (exit code 2, no traceback, no uncaught exception)."""
+    def check(res) -> str:
+        assert res.exit_code == 2, res.output
+        assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+        assert "Traceback" not in res.output, res.output
+        lines = [ln for ln in res.output.splitlines() if ln.startswith("error: ")]
+        assert len(lines) == 1, res.output
+        return lines[0]
+
+    return check

@@ -20,8 +20,8 @@ The final output is a ``comm`` member directory (``<output_dir>/final``) that
 from __future__ import annotations
 
 import math
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +29,14 @@ from typing import Any
 
 import torch
 
-from fuse.checkpoint import atomic_output_dir
 from fuse.errors import CheckpointError, DataError, RecipeError
 from fuse.members.comm import CommBranch, save_comm_member
 from fuse.members.comm_fusion import build_fusion
 from fuse.members.common import eos_ids
 from fuse.members.text import load_tokenizer
+from fuse.output_dir import atomic_output_dir, check_output
 
-from .checkpointing import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import CHECKPOINTS, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import (IGNORE, BadSamples, Collator, ConversationDataset, ConversationEncoder, ListBatchSampler,
                    eval_micro_batches, rank_micro_batches, step_batches)
@@ -151,7 +151,20 @@ class Trainer:
         return find_checkpoint(self.out if r == "auto" else r)
 
     def _check_output_dir(self) -> None:
-        if self.resume_from is not None or not self.out.exists():
+        """Before any work: the output dir is writable, ``final/`` may be replaced at the end (only an
+        earlier export of this toolkit is), and a run already there needs --resume or --force (which
+        removes only its step checkpoints)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.out):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{self.out}: cannot write the output directory ({e.strerror})") from None
+        cfg = self.cfg
+        check_output(self.out / FINAL, force=True, inputs=[("--from", cfg.from_dir), ("--llm", cfg.llm),
+                                                           ("--data", cfg.data.train),
+                                                           ("--image-root", cfg.data.image_root)])
+        if self.resume_from is not None:
             return
         used = [p.name for p in self.out.iterdir() if p.name in (CHECKPOINTS, FINAL, "train_log.jsonl")]
         if used and not self.cfg.force:
@@ -159,8 +172,8 @@ class Trainer:
                                   "pass --resume to continue it or --force to start over")
         self.acc.wait_for_everyone()
         if used and self.acc.is_main_process:
-            for name in (CHECKPOINTS,):
-                shutil.rmtree(self.out / name, ignore_errors=True)
+            for _, ckpt in list_checkpoints(self.out / CHECKPOINTS):
+                shutil.rmtree(ckpt)
         self.acc.wait_for_everyone()
 
     def _build_model(self) -> None:
@@ -452,9 +465,6 @@ class Trainer:
                         "llm": self.llm_source, "final_loss": self.losses[-1] if self.losses else None}
             prompt_style = "chat_template" if self.cfg.data.template == "chat_template" else "llava_v1"
             with atomic_output_dir(final, force=True) as tmp:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model dir is normally shared
                 save_comm_member(tmp, branch, llm_tensors, text_config, tokenizer=self.tokenizer,
                                  prompt_style=prompt_style, eos_token_ids=eos, store_encoders=self.cfg.store_encoders,
                                  training=training, max_shard=self.cfg.max_shard_size, dtype=self.save_dtype())

@@ -63,16 +63,18 @@ def register(group: click.Group) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
         import warnings
 
-        from ..cli_utils import parse_dtype
+        from ..cli_utils import parse_dtype, resolve_device
         from ..images import load_image
-        from ..model.fused import FusedModel
+        from ..model.fused import FusedModel, check_generation
 
         if len(prompts) != 1 and len(prompts) != len(images):
             raise FuseError(f"--prompt given {len(prompts)} times for {len(images)} --image; give one, or one per image")
+        check_generation(max_new_tokens, sample, temperature, top_p, seed)  # before loading anything
+        dev = resolve_device(device)
         plist = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
         pil = [load_image(p, alpha) for p in images]  # fail on a bad image before loading the model
         t0 = time.perf_counter()
-        fm = FusedModel.from_pretrained(model, dtype=parse_dtype(dtype), device=device)
+        fm = FusedModel.from_pretrained(model, dtype=parse_dtype(dtype), device=dev)
         t_load = time.perf_counter() - t0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -30,7 +30,8 @@ def register(group: click.Group) -> None:
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")
-    def compare_cmd(out, family, limit, all_questions, methods, budget, batch_size, json_path):
+    @click.option("--force", is_flag=True, help="Replace OUT if an earlier `compare` wrote it.")
+    def compare_cmd(out, family, limit, all_questions, methods, budget, batch_size, json_path, force):
         """Merge the toy family (task_arithmetic, ties, linear), then evaluate each member alone, the fused
         models, the fused model with a token budget, and the COMM model on the toy test split.
 
@@ -55,7 +56,8 @@ def register(group: click.Group) -> None:
             raise FuseError(f"--methods: {', '.join(bad) or '(empty)'} not among {', '.join(MERGE_METHODS)}")
         t0 = time.perf_counter()
         doc = compare(out, family=fam, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
-                      budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo)
+                      budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,
+                      force=force)
         if json_path:
             write_results(doc, json_path)
         n = "all" if all_questions else (limit or DEFAULT_LIMIT)
@@ -66,18 +68,14 @@ def register(group: click.Group) -> None:
     @click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True)
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--keep-work", is_flag=True, help="Keep OUT/work (world, encoders, training runs).")
-    def train_family_cmd(out, seed, keep_work):
+    @click.option("--force", is_flag=True, help="Replace OUT if an earlier `train-family` wrote it.")
+    def train_family_cmd(out, seed, keep_work, force):
         """Regenerate the toy family: world, base LM, colour + spatial members, COMM model, figures.json
-        (about 20-25 minutes on 2 CPU cores)."""
-        import shutil
-        from pathlib import Path
-
+        (about 20-25 minutes on 2 CPU cores). OUT is written atomically (temp dir renamed at the end)."""
         from ..toyfamily import train_family
 
         t0 = time.perf_counter()
-        figures = train_family(out, seed=seed, echo=click.echo)
-        if not keep_work:
-            shutil.rmtree(Path(out) / "work", ignore_errors=True)
+        figures = train_family(out, seed=seed, echo=click.echo, force=force, keep_work=keep_work)
         click.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
         for name, row in figures["eval"]["rows"].items():
             click.echo(f"  {name:8s} vqa={row['vqa']:.3f} mmvp_pair={row['mmvp_pair']:.3f}")

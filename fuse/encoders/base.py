@@ -82,9 +82,10 @@ class Encoder(nn.Module):
     def from_pretrained(cls, source: str | os.PathLike, processor: dict | None = None,
                         pad_square: bool = False, dtype: torch.dtype | None = None,
                         **kwargs: Any) -> "Encoder":
-        """Load weights (+ preprocessor_config.json when present) from a dir or hub id."""
+        """Load weights (+ preprocessor_config.json when present) from a dir or hub id.
+        safetensors weights only: a pickled ``pytorch_model.bin`` is never opened."""
         try:
-            model = cls.model_cls.from_pretrained(str(source), dtype=dtype, **kwargs)
+            model = cls.model_cls.from_pretrained(str(source), dtype=dtype, **{**kwargs, "use_safetensors": True})
         except OSError as e:
             raise CheckpointError(f"{source}: cannot load {cls.kind} encoder ({str(e).splitlines()[0]})") from None
         proc = None

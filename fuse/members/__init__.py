@@ -112,10 +112,17 @@ def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dt
         raise FormatError(f"format {fmt!r} unknown; known: auto, {', '.join(sorted(FORMATS))}")
     if dtype == "source":
         dtype = stored_float_dtype(reader)
+    else:
+        from ..cli_utils import parse_dtype
+
+        dtype = parse_dtype(dtype)
     with default_dtype(dtype):  # build modules directly in the target dtype: no float32 peak first
         member = FORMATS[fmt].load(path, config, reader, dtype=dtype, vision=vision, **options)
-    if name:
-        member.name = name
+    from ..recipe import NAME_RX, derive_member_name
+
+    if name is not None and not NAME_RX.fullmatch(name):
+        raise FormatError(f"name {name!r}: a member name must be a plain directory name (letters, digits, . _ -)")
+    member.name = name or derive_member_name(path)  # never "..": the name becomes OUT/members/<name>
     return member
 
 

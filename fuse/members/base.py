@@ -55,13 +55,22 @@ LLAMA_DEFAULTS = {
 }
 
 
-def llm_config_from(cfg: dict) -> dict:
+LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def llm_config_from(cfg: dict, where: str | os.PathLike | None = None) -> dict:
     """A ``LlamaForCausalLM`` config dict from an MLLM config (drops mm_*/vision fields).
 
     Filled with LlamaConfig's defaults and rope folded into ``rope_parameters`` the way
     transformers 5 does, but from plain dicts: opening a member for a merge must not pay
-    for importing transformers' modeling code.
+    for importing transformers' modeling code. ``where``: the checkpoint's config file; a
+    checkpoint must state its shape fields (:data:`LLM_SHAPE_FIELDS`), so a missing one is
+    refused naming the file (a default of 4096 would show up later as a baffling
+    "hidden_size 4096 != 64").
     """
+    missing = [k for k in LLM_SHAPE_FIELDS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    if where is not None and missing:
+        raise FormatError(f"{where}: no {', '.join(missing)} (an integer) in the language model's config")
     kept = {k: v for k, v in cfg.items() if k in LLM_CONFIG_FIELDS}
     d = {**LLAMA_DEFAULTS, **kept}
     if d.get("num_key_value_heads") is None:

@@ -212,7 +212,7 @@ class CommAdapter(FormatAdapter):
         else:
             branch = None
             usage, parts = claim_keys(reader.keys(), [("vision", r"^vision\."), ("llm", r"^(model\.|lm_head\.)")])
-        llm_conf = llm_config_from(text_cfg)
+        llm_conf = llm_config_from(text_cfg, f"{path / 'config.json'} (text_config)")
         llm = LLMPart(config=llm_conf, keys={k: k for k in parts.get("llm", [])}, reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:
             raise FormatError(f"{path}: no LLM weights (model.embed_tokens.weight) in the checkpoint")

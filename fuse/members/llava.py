@@ -74,7 +74,7 @@ class LlavaAdapter(FormatAdapter):
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise FormatError(f"{path / 'config.json'}: mm_vision_select_feature {select!r} (expected patch or cls_patch)")
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         proj_type = config.get("mm_projector_type", "linear")
         if not parts.get("projector"):
             raise FormatError(f"{path}: no model.mm_projector.* weights (is this a base LLM, not a LLaVA model?)")

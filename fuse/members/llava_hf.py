@@ -67,7 +67,7 @@ class LlavaHFAdapter(FormatAdapter):
         layer = config.get("vision_feature_layer", -2)
         select = "patch" if config.get("vision_feature_select_strategy", "default") == "default" else "full"
         llm_keys = llama_llm_keys(parts.get("llm", []), LLM_RENAME)
-        llm_conf = llm_config_from(text_cfg)
+        llm_conf = llm_config_from(text_cfg, f"{path / 'config.json'} (text_config)")
         act = config.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise FormatError(f"{path / 'config.json'}: projector_hidden_act {act!r} not supported (gelu only)")

@@ -230,7 +230,7 @@ class MGMAdapter(FormatAdapter):
         if not parts.get("projector"):
             raise FormatError(f"{path}: MGM checkpoint has no {PROJ}* weights")
 
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         require_clip_tower(path, config, parts.get("encoder", []), options)
         branch = None
         if vision:

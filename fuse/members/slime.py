@@ -273,7 +273,7 @@ class SliMEAdapter(FormatAdapter):
                            ("sampler", f"{SAMPLER}post_qformer.*")):
             if not parts.get(part):
                 raise FormatError(f"{path}: SliME checkpoint has no {what} weights")
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         sep_id = int(config.get("seperator", config.get("separator", DEFAULT_SEPARATOR_ID)))
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:

@@ -25,6 +25,14 @@ class MergeError(FuseError):
     """The merge itself failed (NaN/Inf produced, mergekit rejected the inputs)."""
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t`` (min/max propagate NaN; one read-only pass, no mask tensor)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
 def _mergekit_method(name: str):
     from mergekit import merge_methods
 
@@ -181,4 +189,4 @@ class TensorMerger:
             raise MergeError(f"{name}: mergekit {self.info.name} failed ({str(e).splitlines()[0]})") from None
 
 
-__all__ = ["MERGE_METHODS", "MergeError", "MethodInfo", "TensorMerger", "method_info"]
+__all__ = ["MERGE_METHODS", "MergeError", "all_finite", "MethodInfo", "TensorMerger", "method_info"]

@@ -65,6 +65,7 @@ class MergePlan:
     chunked: bool
     max_shard_bytes: int
     vision_load_bytes: int = 0        # the biggest single member's branch while it is loaded
+    dtype_note: str | None = None     # set when members store different dtypes and the recipe names none
 
     @property
     def read_bytes(self) -> int:
@@ -125,6 +126,8 @@ class MergePlan:
         ]
         if out is not None:
             lines.append(f"  output           {out}")
+        if self.dtype_note:
+            lines.append(f"  note             {self.dtype_note}")
         return "\n".join(lines)
 
 
@@ -177,7 +180,19 @@ def build_plan(recipe, base: BaseInput | None, members: Sequence[MemberInput], n
                               unit_rows * row_compute))
     return MergePlan(method, jobs, compute, len(members), with_base, sum(m.vision_save_bytes for m in members),
                      elementwise, parse_size(recipe.output.max_shard_size),
-                     max((m.vision_bytes for m in members), default=0))
+                     max((m.vision_bytes for m in members), default=0),
+                     None if out_fixed else _mixed_dtypes_note(members, names))
+
+
+def _mixed_dtypes_note(members: Sequence[MemberInput], names: Sequence[str]) -> str | None:
+    """Say so when the members store their LLM tensors in different dtypes: the output then follows
+    the first member (as mergekit-yaml does), which the recipe can override with merge.out_dtype."""
+    stored = [sorted({dtype_name(m.llm.dtype(n)) for n in names}) for m in members]
+    if len({tuple(s) for s in stored}) <= 1:
+        return None
+    desc = ", ".join(f"{m.name}: {'/'.join(s)}" for m, s in zip(members, stored))
+    return (f"members store different dtypes ({desc}); the merged LLM is written in {members[0].name}'s "
+            f"({'/'.join(stored[0])}); set merge.out_dtype in the recipe to choose")
 
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DTYPES", "MergePlan", "TensorJob", "build_plan", "dtype_name"]

@@ -8,22 +8,21 @@ vision branches are loaded one at a time, only to be saved.
 
 from __future__ import annotations
 
-import errno
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from ..checkpoint import atomic_output_dir
-from ..errors import CheckpointError
+from ..output_dir import atomic_output_dir, check_output, refuse_overlap
 from ..recipe import Recipe
 from ..hub import resolve_recipe
 from .checksums import BackgroundChecksums, start_checksums
 from .family import FamilyReport, check_family
-from .methods import MergeError, TensorMerger
+from .methods import MergeError, TensorMerger, all_finite
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
                       union_eos)
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
@@ -67,17 +66,9 @@ def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = Non
     return Prepared(recipe, base, members, report)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in ``t`` (min/max propagate NaN; one read-only pass, no mask tensor)."""
-    if t.numel() == 0 or not t.is_floating_point():
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
-
-
 def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
                 out_dtype: torch.dtype) -> MergeError:
-    bad = [label for label, t in inputs if t is not None and not _finite(t)]
+    bad = [label for label, t in inputs if t is not None and not all_finite(t)]
     cause = (f"input{'s' if len(bad) > 1 else ''} {', '.join(bad)} already contain{'' if len(bad) > 1 else 's'} "
              "NaN/Inf" if bad else
              f"the inputs are finite: values overflow the compute/output dtype ({dtype_name(out_dtype)})")
@@ -129,11 +120,11 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
     def merge(loaded: Loaded) -> torch.Tensor:
         job, rows, owner = loaded.piece.job, (loaded.piece.start, loaded.piece.stop), loaded.piece.owner
         if owner is not None:  # carried rows: written as stored (read in the output dtype)
-            if not _finite(loaded.carried):
+            if not all_finite(loaded.carried):
                 raise _not_finite(recipe, job, rows, [(members[owner].name, loaded.carried)], job.out_dtype)
             return loaded.carried
         out = merger(loaded.members, loaded.base, job.out_dtype, job.name)
-        if not _finite(out):
+        if not all_finite(out):
             raise _not_finite(recipe, job, rows, [(m.name, t) for m, t in zip(members, loaded.members)] +
                               [("base_model", loaded.base)], job.out_dtype)
         return out
@@ -162,15 +153,6 @@ def _merge_llm(recipe: Recipe, plan: MergePlan, base: BaseInput | None, members:
     return writer.bytes_written
 
 
-def _refuse_overlap(out: Path, sources: Sequence[tuple[str, Path]]) -> None:
-    """OUT must not be, contain or sit inside an input (``--force`` would delete it)."""
-    o = out.resolve()
-    for field, src in sources:
-        s = Path(src).resolve()
-        if o == s or s.is_relative_to(o) or o.is_relative_to(s):
-            raise CheckpointError(f"{out}: output overlaps the input {field} ({src}); choose another output directory")
-
-
 def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False, dry_run: bool = False,
               allow_foreign: bool = False, progress: bool = True, checksums: bool | BackgroundChecksums = True,
               echo: Echo = print, chunk_bytes: int | None = None, threads: int | None = None,
@@ -190,8 +172,8 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
     out = Path(out or recipe.output.dir)
     sums = checksums if isinstance(checksums, BackgroundChecksums) else None
     try:
-        if out.exists() and not force and not dry_run:
-            raise CheckpointError(f"{out}: output exists (use --force to replace it)")
+        if not dry_run:
+            check_output(out, force)  # refuse before any work (and again when the output is published)
         fetch = dict(offline=offline, cache_dir=cache_dir, progress=progress, echo=echo)
         models = models or resolve_recipe(recipe, weights=False, **fetch)
         if not dry_run and not all(m.complete for m in models.values()):
@@ -215,10 +197,12 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
     prep = prepare(recipe, allow_foreign, echo=echo, models=models)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
-    _refuse_overlap(out, inputs)
+    refuse_overlap(out, inputs)  # even with --force, and in a dry run
     text_index = recipe.text_member_index()
     tok_src = tokenizer_source(recipe, members[text_index], base)
     plan = build_plan(recipe, base, members, prep.report.tensor_names, chunk_bytes=chunk_bytes)
+    if plan.dtype_note and not dry_run:  # (a dry run prints it in the plan)
+        warnings.warn(f"{recipe.label}: {plan.dtype_note}", UserWarning, stacklevel=2)
     if dry_run:
         echo(plan.describe(out))
         todo = [m for m in models.values() if not m.complete]
@@ -230,25 +214,20 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
         echo("dry run: nothing written")
         return MergeResult(None, plan, prep.report, time.perf_counter() - t0)
     eos = union_eos(members, text_index, recipe.text.extra_eos_ids)
-    with atomic_output_dir(out, force=force) as tmp:
-        try:
-            merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
-                      threads=threads, kernel=kernel)
-            cfg = llm_config(members[text_index], plan, eos)
-            (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
-            (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
-            copy_tokenizer(tok_src, tmp / "llm")
-            save_vision_branches(recipe, members, tmp / "members", models)
-            sources = sums.result() if sums else {}
-            fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
-            (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
-            (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
-                                                         "architectures": ["FusedModel"], **fcfg}, indent=2))
-            (tmp / "README.md").write_text(model_card(fcfg, plan))
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise CheckpointError(f"{out}: disk full (no space left on device); nothing was written") from None
-            raise CheckpointError(f"{out}: write failed ({e.strerror or e}); nothing was written") from None
+    with atomic_output_dir(out, force=force) as tmp:  # an OSError in here becomes one line naming OUT
+        merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
+                  threads=threads, kernel=kernel)
+        cfg = llm_config(members[text_index], plan, eos)
+        (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
+        copy_tokenizer(tok_src, tmp / "llm")
+        save_vision_branches(recipe, members, tmp / "members", models)
+        sources = sums.result() if sums else {}
+        fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+        (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
+                                                     "architectures": ["FusedModel"], **fcfg}, indent=2))
+        (tmp / "README.md").write_text(model_card(fcfg, plan))
     seconds = time.perf_counter() - t0
     echo(f"wrote {out}: llm/ ({len(plan.jobs)} tensors, {plan.llm_bytes / 1e9:.3f} GB), members: "
          f"{', '.join(m.name for m in members)} ({seconds:.1f} s)")

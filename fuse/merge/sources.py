@@ -96,7 +96,7 @@ def open_base(recipe: Recipe, models: Models | None = None) -> BaseInput | None:
         archs = config.get("architectures") or []
         if config.get("model_type") == "llama" or any(a in LLAMA_ARCHITECTURES for a in archs):
             keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
-            llm = LLMPart(config=llm_config_from(config), keys=keys, reader=reader)
+            llm = LLMPart(config=llm_config_from(config, path / "config.json"), keys=keys, reader=reader)
             return BaseInput(recipe.base_model, path, llm, "LlamaForCausalLM", tokenizer_dir(path))
         try:
             detect_format(config, reader.keys(), path)

@@ -24,6 +24,7 @@ member with no LLM uses its own LLM and reproduces the original model).
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 import warnings
@@ -33,13 +34,15 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import LogitsProcessor, PreTrainedModel
 
-from ..checkpoint import LazyCheckpoint, atomic_output_dir, read_json
-from ..errors import CheckpointError, DataError, FuseError
+from ..checkpoint import LazyCheckpoint, read_json
+from ..errors import CheckpointError, DataError, FuseError, NumericsError
 from ..images import load_image
 from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_branch
 from ..members.base import VISION_CONFIG, VISION_WEIGHTS
+from ..output_dir import atomic_output_dir
+from ..recipe import NAME_RX
 from .assembly import Assembled, Piece, assemble
 from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
 from .budget import BudgetResult, apply_budget
@@ -188,10 +191,17 @@ class FusedModel(PreTrainedModel):
         exactly one member (its own LLM: the fused model then equals the original member).
         ``text_member``: index or name of the member whose tokenizer/prompt style is used.
         """
+        from ..cli_utils import parse_dtype
+
         members = list(members)
         if not members:
             raise FuseError("from_members: no members given")
+        dtype = parse_dtype(dtype)
         names = _unique_names([m.name for m in members])
+        for n in names:
+            if not NAME_RX.fullmatch(n):  # each becomes members/<name>/ in save_pretrained
+                raise FuseError(f"from_members: member name {n!r} is not a plain directory name "
+                                "(letters, digits, . _ -)")
         if llm is None:
             if len(members) != 1:
                 raise FuseError("from_members: several members need a merged LLM (llm=...); "
@@ -240,6 +250,10 @@ class FusedModel(PreTrainedModel):
         ignored = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
         if ignored:
             warnings.warn(f"FusedModel.from_pretrained ignores {', '.join(ignored)}", stacklevel=2)
+        from ..cli_utils import parse_dtype, resolve_device
+
+        dtype = parse_dtype(dtype)
+        device = resolve_device(device) if device is not None else None
         root = Path(pretrained_model_name_or_path)
         if not root.is_dir():
             raise CheckpointError(f"{root}: no such fused model directory (expected the output of `fuse merge`)")
@@ -247,6 +261,11 @@ class FusedModel(PreTrainedModel):
             path = root / FUSE_CONFIG if (root / FUSE_CONFIG).is_file() or not (root / "config.json").is_file() \
                 else root / "config.json"
             data = read_json(path, "fused model config (fuse_config.json)")
+            if path.name != FUSE_CONFIG and data.get("model_type") != "visionfuse":
+                arch = (data.get("architectures") or [data.get("model_type") or "unknown"])[0]
+                raise CheckpointError(f"{root}: not a fused model (no {FUSE_CONFIG}; config.json describes a {arch}); "
+                                      "`fuse merge` writes fused models; `fuse eval` and "
+                                      "FusedModel.from_members([load_member(dir)]) take a single model")
             data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
             config = FusedConfig(**data)
         where = root / FUSE_CONFIG
@@ -255,11 +274,10 @@ class FusedModel(PreTrainedModel):
         for i, m in enumerate(config.members):
             if not isinstance(m, dict) or not m.get("name"):
                 raise CheckpointError(f"{where}: members[{i}] has no 'name'")
-        if isinstance(dtype, str):
-            from ..cli_utils import parse_dtype
-
-            dtype = parse_dtype(dtype)
         member_dirs = [root / m.get("dir", f"members/{m['name']}") for m in config.members]
+        for m, mdir in zip(config.members, member_dirs):
+            if not os.path.realpath(mdir).startswith(os.path.realpath(root) + os.sep):
+                raise CheckpointError(f"{where}: member {m['name']!r} dir {m.get('dir')!r} is outside {root}")
         for m, mdir in zip(config.members, member_dirs):  # check every file before loading anything big
             if not mdir.is_dir():
                 raise CheckpointError(f"{mdir}: missing vision branch directory of member {m['name']!r}")
@@ -283,7 +301,12 @@ class FusedModel(PreTrainedModel):
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, force: bool = True, **kwargs: Any) -> None:
-        """Write the ``fuse merge`` layout (llm/, members/<name>/, fuse_config.json, config.json) atomically."""
+        """Write the ``fuse merge`` layout (llm/, members/<name>/, fuse_config.json, config.json) atomically.
+
+        A new or empty ``save_directory`` is written; an earlier fused model (or any output this toolkit
+        wrote) there is replaced as a whole (``force=False`` refuses it). A directory holding anything
+        else, or a file, is refused (CheckpointError) and left untouched: unlike transformers, which
+        writes into the directory, a fused model is never mixed with other files."""
         import json
 
         with atomic_output_dir(save_directory, force=force) as tmp:
@@ -345,6 +368,9 @@ class FusedModel(PreTrainedModel):
             raise DataError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
         if not prompts:
             raise DataError("no prompts given")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise DataError(f"prompt {i}: expected a string, got {type(p).__name__}")
         opts = self.options.override(self.member_names, token_budget, positions, separator)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
@@ -371,6 +397,9 @@ class FusedModel(PreTrainedModel):
             batch = _to_device(branch.preprocess(pil), branch.device, branch.dtype)
             text_embeds = [e.to(branch.device, branch.dtype) for e in p_embeds] if branch.needs_text else None
             toks = branch(batch, text_embeds=text_embeds)
+            if not all(bool(torch.isfinite(t).all()) for t in toks):
+                raise NumericsError(f"member {name!r}: its vision branch produced NaN/Inf visual tokens "
+                                    f"(NaN/Inf in its weights, or overflow in {branch.dtype}); no answer is possible")
             grids = branch.token_grids(batch) or [None] * len(pil)
             vision_t[name] = time.perf_counter() - t0
             spec = opts.budget[name]
@@ -455,8 +484,9 @@ class FusedModel(PreTrainedModel):
         greedy by default, sampling with ``do_sample=True`` (``temperature``, ``top_p``, ``seed``).
         Extra ``gen_kwargs`` go to transformers' ``GenerationConfig`` (e.g. ``repetition_penalty``).
         """
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
+        check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
         inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
@@ -472,7 +502,8 @@ class FusedModel(PreTrainedModel):
             torch.manual_seed(seed)
         t1 = time.perf_counter()
         out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                position_ids=inputs.position_ids, generation_config=GenerationConfig(**cfg))
+                                position_ids=inputs.position_ids, generation_config=GenerationConfig(**cfg),
+                                logits_processor=LogitsProcessorList([_FiniteLogits(self.llm.dtype)]))
         t_gen = time.perf_counter() - t1
         ids = [self._cut_at_eos(row.tolist()) for row in out]
         texts = [self.decode(r) for r in ids]
@@ -586,6 +617,39 @@ class FusedModel(PreTrainedModel):
 
 
 # ---------------------------------------------------------------------- helpers
+class _FiniteLogits(LogitsProcessor):
+    """A transformers logits processor that fails loudly on NaN/+Inf scores (or a row that is all
+    -Inf), which greedy decoding would otherwise turn into an empty answer with exit code 0."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.step = dtype, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise NumericsError(f"the LLM produced NaN/Inf logits at generation step {self.step} for sample(s) "
+                                f"{rows} (NaN/Inf in the weights, or overflow in {self.dtype}); no answer is possible")
+        return scores
+
+
+def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None) -> None:
+    """One-line errors for generation settings transformers would reject with a traceback (or take
+    silently): called by :meth:`FusedModel.generate` and by the CLIs before a model is loaded."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise FuseError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if do_sample:
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
+            raise FuseError(f"temperature: sampling needs a temperature > 0, got {temperature!r} "
+                            "(for greedy decoding, do not sample)")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise FuseError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
+        raise FuseError(f"seed: expected an integer in [0, 2^64), got {seed!r}")
+
+
 def _load_llm(llm_dir: Path, dtype: torch.dtype | None, attn_implementation: str | None = None) -> nn.Module:
     """``AutoModelForCausalLM`` from a directory, with one-line errors naming missing files."""
     from transformers import AutoModelForCausalLM
@@ -594,7 +658,7 @@ def _load_llm(llm_dir: Path, dtype: torch.dtype | None, attn_implementation: str
         raise CheckpointError(f"{llm_dir}: missing merged LLM directory")
     read_json(llm_dir / "config.json", "LLM config.json")
     LazyCheckpoint(llm_dir)  # clear error on missing/truncated safetensors shards
-    kw: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    kw: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "use_safetensors": True}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
     try:
@@ -634,4 +698,4 @@ def load(path: str | os.PathLike, **kwargs: Any) -> FusedModel:
     return FusedModel.from_pretrained(path, **kwargs)
 
 
-__all__ = ["FusedModel", "FusedInputs", "GenerationResult", "load"]
+__all__ = ["FusedModel", "FusedInputs", "GenerationResult", "check_generation", "load"]

@@ -146,11 +146,14 @@ def build_llava_hf_member(directory: str | os.PathLike, base_dir: str | os.PathL
 
 
 def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, include_tower: bool = True,
-                         image_aspect_ratio: str = "pad", max_shard: str | int = "2GB") -> Path:
+                         image_aspect_ratio: str = "pad", max_shard: str | int = "2GB",
+                         tower_ref: str | os.PathLike | None = None) -> Path:
     """Rewrite a llava-hf checkpoint in the original LLaVA-1.5 layout (``LlavaLlamaForCausalLM``).
 
     The CLIP tower is also saved as a standalone model in ``<out_dir>-clip`` and named by
     ``mm_vision_tower`` (as the real config names ``openai/clip-vit-large-patch14-336``).
+    ``tower_ref``: what ``mm_vision_tower`` records instead of that path (e.g. where the tower
+    will be once a temporary build directory is renamed into place).
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -185,7 +188,7 @@ def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         raise ValueError("the original LLaVA format has a single mm_vision_select_layer")
     new = {**{k: v for k, v in cfg["text_config"].items() if k not in ("model_type", "architectures")},
            "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-           "mm_vision_tower": str(clip_dir), "mm_hidden_size": vcfg.hidden_size, "mm_projector_type": "mlp2x_gelu",
+           "mm_vision_tower": str(tower_ref or clip_dir), "mm_hidden_size": vcfg.hidden_size, "mm_projector_type": "mlp2x_gelu",
            "mm_vision_select_layer": layer,
            "mm_vision_select_feature": "patch" if cfg.get("vision_feature_select_strategy") == "default" else "cls_patch",
            "image_aspect_ratio": image_aspect_ratio, "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
@@ -197,10 +200,10 @@ def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def build_llava_member(directory: str | os.PathLike, base_dir: str | os.PathLike, seed: int = 1,
-                       include_tower: bool = True, **kw) -> Path:
+                       include_tower: bool = True, tower_ref: str | os.PathLike | None = None, **kw) -> Path:
     """A tiny original-layout LLaVA-1.5 member (built via the llava-hf builder and converted)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         hf, _ = build_llava_hf_member(Path(tmp) / "hf", base_dir, seed, **kw)
-        return llava_hf_to_original(hf, directory, include_tower=include_tower)
+        return llava_hf_to_original(hf, directory, include_tower=include_tower, tower_ref=tower_ref)

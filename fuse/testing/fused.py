@@ -24,8 +24,8 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
     """
     from transformers import AutoModelForCausalLM
 
-    from ..checkpoint import atomic_output_dir
     from ..members import Member, load_member
+    from ..output_dir import atomic_output_dir
 
     loaded = [m if isinstance(m, Member) else load_member(m) for m in members]
     names = list(names) if names else [m.name for m in loaded]
@@ -35,7 +35,7 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
         if isinstance(llm, int):
             model = loaded[llm].llm.load_model(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype, use_safetensors=True)
         model.save_pretrained(str(tmp / "llm"))
         text = loaded[text_member].text
         text.tokenizer.save_pretrained(str(tmp / "llm"))

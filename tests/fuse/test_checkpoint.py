@@ -12,9 +12,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fuse.checkpoint import LazyCheckpoint, ShardedWriter, atomic_output_dir, parse_size
+from fuse.checkpoint import LazyCheckpoint, ShardedWriter, parse_size
 from fuse.cli import main
 from fuse.errors import CheckpointError
+from fuse.output_dir import MARKER, atomic_output_dir
 
 
 def _write_sharded(d, n_tensors=6, numel=2_500_000, shard="25MB"):
@@ -111,7 +112,7 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
             pass
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b"]
 
 
 def test_parse_size():

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 from fuse.checkpoint import LazyCheckpoint, ShardedWriter
 from fuse.cli import main as fuse_cli
+from fuse.output_dir import MARKER
 
 WEIGHTS = [0.5, 0.3, 0.4]
 DENSITIES = [0.5, 0.7, 0.6]
@@ -151,12 +152,13 @@ def test_output_layout_and_loading(family, tmp_path):
     a, b = family["members"][:2]
     recipe = write_recipe(tmp_path / "r.yaml", family["base"], [{"model": str(a)}, {"model": str(b), "name": "orig"}],
                           {"method": "task_arithmetic"}, text={"member": "orig", "extra_eos_ids": [5]},
-                          inference={"token_budget": 123}, output={"dir": "fused", "max_shard_size": "40KB"})
+                          inference={"token_budget": "pool:2"}, output={"dir": "fused", "max_shard_size": "40KB"})
     res = run_cli("merge", recipe, "-q")
     assert res.exit_code == 0, res.output
     out = tmp_path / "fused"  # output.dir is relative to the recipe file
     assert "dist to base" in res.output and "wrote" in res.output
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "fuse_config.json", "llm", "members"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "README.md", "config.json", "fuse_config.json", "llm",
+                                                     "members"]
     assert not list(tmp_path.glob(".fused.tmp-*"))
     # sharded LLM with an index, loadable by transformers as a plain LlamaForCausalLM
     assert (out / "llm" / "model.safetensors.index.json").is_file()
@@ -178,7 +180,7 @@ def test_output_layout_and_loading(family, tmp_path):
     assert cfg["members"][1]["dir"] == "members/orig" and cfg["members"][1]["format"] == "llava"
     assert cfg["merge"] == {"method": "task_arithmetic", "parameters": {}, "dtype": "float32", "out_dtype": "float32",
                             "seed": 0}
-    assert cfg["inference"] == {"token_budget": 123} and cfg["format_version"] == 1
+    assert cfg["inference"] == {"token_budget": "pool:2"} and cfg["format_version"] == 1
     assert cfg["base_model"] == str(family["base"])
     full = json.loads((out / "config.json").read_text())
     assert full.pop("model_type") == "visionfuse" and full.pop("architectures") == ["FusedModel"] and full == cfg

@@ -152,12 +152,22 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path, fam):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     p = recipe(tmp_path, fam)
-    res = CliRunner().invoke(fuse_cli, ["merge", str(p)])
-    assert res.exit_code == 2 and "output exists (use --force to replace it)" in res.output
-    assert (out / "keep.txt").read_text() == "mine" and not list(tmp_path.glob(".out.tmp-*"))
-    res = CliRunner().invoke(fuse_cli, ["merge", str(p), "--force", "-q", "--no-checksums"])
+    # --force replaces only what fuse wrote: a user's directory stays, with or without it
+    for force in ([], ["--force"]):
+        res = CliRunner().invoke(fuse_cli, ["merge", str(p), "-q", "--no-checksums", *force])
+        assert res.exit_code == 2 and "exists and was not written by this toolkit; choose another output" in res.output
+        assert sorted(q.name for q in out.iterdir()) == ["keep.txt"] and not list(tmp_path.glob(".out.*"))
+    out.joinpath("keep.txt").unlink()
+    out.rmdir()
+    res = CliRunner().invoke(fuse_cli, ["merge", str(p), "-q", "--no-checksums"])
     assert res.exit_code == 0, res.output
-    assert not (out / "keep.txt").exists() and (out / "llm" / "model.safetensors").is_file()
+    (out / "extra.txt").write_text("added by hand")
+    res = CliRunner().invoke(fuse_cli, ["merge", str(p), "-q", "--no-checksums"])
+    assert res.exit_code == 2 and "output exists (use --force to replace it)" in res.output
+    res = CliRunner().invoke(fuse_cli, ["merge", str(p), "--force", "-q", "--no-checksums"])  # fuse's own output
+    assert res.exit_code == 0, res.output
+    assert (out / "llm" / "model.safetensors").is_file() and not (out / "extra.txt").exists()
+    assert not list(tmp_path.glob(".out.*"))
 
 
 def test_interrupt_leaves_nothing(tmp_path, fam, monkeypatch):
@@ -211,5 +221,8 @@ def test_output_over_an_input_is_refused_even_with_force(tmp_path, fam):
     shutil.copytree(fam["a"], src)
     p = recipe(tmp_path, fam, members=(str(src), "b"))
     res = CliRunner().invoke(fuse_cli, ["merge", str(p), "-o", str(src), "--force", "-q"])
+    assert res.exit_code == 2 and "exists and was not written by this toolkit" in res.output
+    res = CliRunner().invoke(fuse_cli, ["merge", str(p), "-o", str(src / "fused"), "-q"])
     assert res.exit_code == 2 and "output overlaps the input members[0].model" in res.output
-    assert (src / "model.safetensors").is_file() and not list(tmp_path.glob(".a_copy.tmp-*"))
+    assert (src / "model.safetensors").is_file() and not list(tmp_path.glob(".a_copy.*"))
+    assert not (src / "fused").exists() and not list(src.glob(".fused.*"))

@@ -55,7 +55,7 @@ def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
           - {model: YanweiLi/MGM-8B, format: mgm}
         output: {dir: out/fused, max_shard_size: 100MB}
         text: {member: MGM-8B, extra_eos_ids: [7]}
-        inference: {token_budget: 300, anything: [1, 2]}
+        inference: {token_budget: "topk:64", positions: {MGM-8B: share}}
     """)
     monkeypatch.chdir(tmp_path.parent)
     r = load_recipe(p)
@@ -65,7 +65,7 @@ def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
     assert Path(r.output.dir) == (sub / "out" / "fused").resolve()
     assert r.weights() == [0.7, 0.5]
     assert r.text_member_index() == 1 and r.text.extra_eos_ids == [7]
-    assert r.inference == {"token_budget": 300, "anything": [1, 2]}
+    assert r.inference == {"token_budget": "topk:64", "positions": {"MGM-8B": "share"}}  # kept as written
 
 
 @pytest.mark.parametrize("body, expected", [
