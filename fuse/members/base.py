@@ -45,7 +45,7 @@ FAMILY_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings")
 
 
-# LlamaConfig's defaults for the fields above (transformers' own values; see tests/fuse/test_llm_config.py).
+# LlamaConfig's defaults for the fields above (transformers' own values; see tests/fuse/members/test_llm_config.py).
 LLAMA_DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
     "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
