@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from fuse.cli import main
 from fuse.errors import DataError
 from fuse.eval.prompts import OPTION_LETTER, SHORT_ANSWER
 from fuse.eval.tasks import load_mmvp, load_pope, load_vqa, task_parts
@@ -68,13 +66,13 @@ def test_pope_and_vqa_loaders(tmp_path):
     assert len(load_vqa(v, limit=1)) == 1
 
 
-def _run_eval(args: list[str], monkeypatch) -> "click.testing.Result":  # noqa: F821
-    # the data must be rejected before any model is loaded
+def _run_eval(run_fuse, args: list, monkeypatch):
+    """``fuse eval ARGS``; the data must be rejected before any model is loaded."""
     def no_model(*a, **k):
         raise AssertionError("the model must not be loaded when the data is bad")
 
     monkeypatch.setattr("fuse.commands.eval._load_for_eval", no_model)
-    return CliRunner().invoke(main, ["eval", *args])
+    return run_fuse("eval", *args)
 
 
 def _assert_one_line_error(res, *fragments: str) -> None:
@@ -114,16 +112,16 @@ BAD_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
-def test_bad_data_is_a_one_line_cli_error(case, tmp_path, monkeypatch):
+def test_bad_data_is_a_one_line_cli_error(case, tmp_path, monkeypatch, run_fuse):
     task, make, fragments = BAD_CASES[case]
     data = make(tmp_path)
-    res = _run_eval([str(tmp_path), "--task", task, "--data", str(data)], monkeypatch)
+    res = _run_eval(run_fuse, [tmp_path, "--task", task, "--data", data], monkeypatch)
     _assert_one_line_error(res, *fragments)
 
 
-def test_missing_model_dir_is_a_one_line_error(tmp_path, monkeypatch):
+def test_missing_model_dir_is_a_one_line_error(tmp_path, monkeypatch, run_fuse):
     data = write_mmvp(tmp_path / "m", ["1,q,(a) x (b) y,(a)"])
-    res = _run_eval([str(tmp_path / "nope"), "--task", "mmvp", "--data", str(data)], monkeypatch)
+    res = _run_eval(run_fuse, [tmp_path / "nope", "--task", "mmvp", "--data", data], monkeypatch)
     _assert_one_line_error(res, "nope", "no such model directory")
 
 

@@ -23,15 +23,11 @@ def test_shards_split_the_single_process_batches():
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_results(tmp_path, launch):
-    from click.testing import CliRunner
-
-    from fuse.cli import main
-
+def test_two_processes_give_the_single_process_results(tmp_path, launch, run_fuse):
     data = write_test_split(tmp_path / "test", seed=0)
     args = ["eval", str(ASSETS / "colour"), "--task", "toy", "--data", str(data), "--limit", "12",
             "--batch-size", "4", "--log-samples"]
-    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "one.json")], catch_exceptions=False)
+    res = run_fuse(*args, "-o", tmp_path / "one.json", catch_exceptions=False)
     assert res.exit_code == 0, res.output
     proc = launch("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                   "--dynamo_backend", "no", "-m", "fuse", *args, "-o", str(tmp_path / "two.json"), timeout=240)

@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from fuse.cli import main
 from fuse.errors import CheckpointError
 from fuse.eval import EvalConfig, evaluate, load_for_eval
 from fuse.toyworld import generate
-
-pytest.importorskip("fuse.model.fused")
-
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
@@ -40,10 +35,10 @@ def test_eval_member_batched_equals_one_by_one(tiny_llava_hf, toy):
         assert one["metrics"][part] == many["metrics"][part]
 
 
-def test_cli_eval_member_writes_results(tiny_llava_hf, toy, tmp_path):
+def test_cli_eval_member_writes_results(tiny_llava_hf, toy, tmp_path, run_fuse):
     out = tmp_path / "results.json"
-    r = CliRunner().invoke(main, ["eval", str(tiny_llava_hf[0]), "--task", "mmvp", "--data", str(toy / "test"),
-                                  "--limit", "4", "--max-new-tokens", "2", "-o", str(out)])
+    r = run_fuse("eval", tiny_llava_hf[0], "--task", "mmvp", "--data", toy / "test", "--limit", "4",
+                 "--max-new-tokens", "2", "-o", out)
     assert r.exit_code == 0, r.output
     assert "samples/s" in r.output
     res = json.loads(out.read_text())

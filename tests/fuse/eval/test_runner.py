@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from fuse.cli import main
 from fuse.eval import EvalConfig, evaluate, write_results
 from fuse.eval.runner import generate_all
 from fuse.eval.tasks import load_mmvp
@@ -94,13 +92,12 @@ def test_results_json_round_trip(mmvp_dir, tmp_path):
     assert not list(path.parent.glob(".*tmp*"))
 
 
-def test_cli_eval_with_stub_model(mmvp_dir, tmp_path, monkeypatch):
+def test_cli_eval_with_stub_model(mmvp_dir, tmp_path, monkeypatch, run_fuse):
     model = LookupModel(REPLIES)
     monkeypatch.setattr("fuse.commands.eval._load_for_eval", lambda *a, **k: model)
     out = tmp_path / "res.json"
-    res = CliRunner().invoke(main, ["eval", str(tmp_path), "--task", "mmvp", "--data", str(mmvp_dir), "-o", str(out),
-                                    "--batch-size", "2", "--max-new-tokens", "4", "--log-samples",
-                                    "--gen", "temperature=0.5", "--gen", "do_sample=true"])
+    res = run_fuse("eval", tmp_path, "--task", "mmvp", "--data", mmvp_dir, "-o", out, "--batch-size", "2",
+                   "--max-new-tokens", "4", "--log-samples", "--gen", "temperature=0.5", "--gen", "do_sample=true")
     assert res.exit_code == 0, res.output
     assert "samples/s" in res.output and "pair_accuracy=0.3333" in res.output
     data = json.loads(out.read_text())
@@ -108,8 +105,7 @@ def test_cli_eval_with_stub_model(mmvp_dir, tmp_path, monkeypatch):
     assert model.batches == [2, 2, 2]
     assert model.kwargs[0] == {"max_new_tokens": 4, "temperature": 0.5, "do_sample": True}
     # --limit keeps the first N questions
-    res = CliRunner().invoke(main, ["eval", str(tmp_path), "--task", "mmvp", "--data", str(mmvp_dir), "--limit", "4",
-                                    "--json"])
+    res = run_fuse("eval", tmp_path, "--task", "mmvp", "--data", mmvp_dir, "--limit", "4", "--json")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["n"] == 4 and data["metrics"]["n_pairs"] == 2

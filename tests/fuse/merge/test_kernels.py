@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
 from fuse.checkpoint import LazyCheckpoint
-from fuse.cli import main
 from fuse.merge.kernels import KernelGuard, build_kernel, same_bits
 from fuse.merge.methods import TensorMerger
 
@@ -79,17 +76,12 @@ def test_a_kernel_that_differs_from_mergekit_is_replaced_by_it():
     assert calls == ["x"] and tm.uses_kernel
 
 
-def test_cli_kernel_choice_gives_the_same_bytes(tmp_path, tiny_base):
-    from fuse.testing import build_llava_hf_member
-
-    members = [build_llava_hf_member(tmp_path / f"m{i}", tiny_base, seed=i + 1)[0] for i in range(2)]
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"base_model": str(tiny_base), "members": [{"model": str(m)} for m in members],
-                                      "merge": {"method": "task_arithmetic", "out_dtype": "bfloat16"}}))
+def test_cli_kernel_choice_gives_the_same_bytes(tmp_path, run_fuse, write_recipe):
+    recipe = write_recipe(tmp_path, merge={"method": "task_arithmetic", "out_dtype": "bfloat16"})
     outs = {}
     for kernel in ("auto", "mergekit"):
-        res = CliRunner().invoke(main, ["merge", str(recipe), "-o", str(tmp_path / kernel), "-q", "--kernel", kernel],
-                                 env={"FUSE_MERGE_CHUNK_BYTES": "1024"}, catch_exceptions=False)
+        res = run_fuse("merge", recipe, "-o", tmp_path / kernel, "-q", "--kernel", kernel,
+                       env={"FUSE_MERGE_CHUNK_BYTES": "1024"}, catch_exceptions=False)
         assert res.exit_code == 0, res.output
         outs[kernel] = LazyCheckpoint(tmp_path / kernel / "llm")
     a, b = outs["auto"], outs["mergekit"]

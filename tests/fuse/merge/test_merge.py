@@ -8,7 +8,6 @@ deterministic methods and one `mergekit-yaml --random-seed` per DARE variant.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
-from fuse.checkpoint import LazyCheckpoint, ShardedWriter
-from fuse.cli import main as fuse_cli
+from fuse.checkpoint import LazyCheckpoint
 from fuse.output_dir import MARKER
 
 WEIGHTS = [0.5, 0.3, 0.4]
@@ -36,33 +33,20 @@ CASES = {
 SEEDED = {"dare_ties": 7, "dare_linear": 11}
 
 
-def run_cli(*args, env=None):
-    return CliRunner().invoke(fuse_cli, [str(a) for a in args], env=env, catch_exceptions=False)
-
-
-def write_recipe(path: Path, base: Path | None, members: list, merge: dict, **extra) -> Path:
-    data = {"members": members, "merge": merge, **extra}
-    if base is not None:
-        data["base_model"] = str(base)
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return LazyCheckpoint(directory).state_dict()
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory, tiny_base):
-    """Three members of the tiny family in both LLaVA layouts + their LLMs as plain HF dirs."""
+def family(tmp_path_factory, tiny_base, llava_pair):
+    """Three members of the tiny family in both LLaVA layouts (:func:`llava_pair` + ``c``) and their LLMs as
+    plain HF dirs."""
     from fuse.members import load_member
     from fuse.merge.export import export_llm
-    from fuse.testing import build_llava_hf_member, build_llava_member
+    from fuse.testing import build_llava_hf_member
 
     root = tmp_path_factory.mktemp("family")
-    members = [build_llava_hf_member(root / "a", tiny_base, seed=1)[0],
-               build_llava_member(root / "b", tiny_base, seed=2),
-               build_llava_hf_member(root / "c", tiny_base, seed=3)[0]]
+    members = [llava_pair["a"], llava_pair["b"], build_llava_hf_member(root / "c", tiny_base, seed=3)[0]]
     llms = [export_llm(load_member(m).llm, root / f"{m.name}_llm", tokenizer_dir=m) for m in members]
     return {"root": root, "base": Path(tiny_base), "members": members, "llms": llms}
 
@@ -100,14 +84,15 @@ def mergekit_out(family):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bit_exact_vs_mergekit(family, mergekit_out, tmp_path, case):
+def test_bit_exact_vs_mergekit(family, mergekit_out, tmp_path, case, run_fuse, write_recipe):
     merge, per_member, _ = CASES[case]
     members = [{"model": str(m), "weight": WEIGHTS[i], **{k: v[i] for k, v in per_member.items()}}
                for i, m in enumerate(family["members"])]
-    base = None if merge["method"] == "linear" else family["base"]
-    recipe = write_recipe(tmp_path / "r.yaml", base, members, {**merge, "dtype": "float32"})
+    base = None if merge["method"] == "linear" else str(family["base"])
+    recipe = write_recipe(tmp_path / "r.yaml", members, base_model=base, merge={**merge, "dtype": "float32"})
     # tiny chunks: element-wise methods are merged in many row chunks, which must not change a bit
-    res = run_cli("merge", recipe, "-o", tmp_path / "out", "-q", env={"FUSE_MERGE_CHUNK_BYTES": "1024"})
+    res = run_fuse("merge", recipe, "-o", tmp_path / "out", "-q", env={"FUSE_MERGE_CHUNK_BYTES": "1024"},
+                   catch_exceptions=False)
     assert res.exit_code == 0, res.output
     ours, ref = tensors(tmp_path / "out" / "llm"), tensors(mergekit_out / f"mk_{case}")
     assert sorted(ours) == sorted(ref)
@@ -115,13 +100,14 @@ def test_bit_exact_vs_mergekit(family, mergekit_out, tmp_path, case):
         assert ours[k].dtype == ref[k].dtype, k
         assert torch.equal(ours[k], ref[k]), f"{case}: {k} differs from mergekit"
     if case in SEEDED:  # a different seed must give a different result (the seed is really used)
-        recipe = write_recipe(tmp_path / "r2.yaml", base, members, {**merge, "dtype": "float32", "seed": 1})
-        assert run_cli("merge", recipe, "-o", tmp_path / "out2", "-q").exit_code == 0
+        recipe = write_recipe(tmp_path / "r2.yaml", members, base_model=base,
+                              merge={**merge, "dtype": "float32", "seed": 1})
+        assert run_fuse("merge", recipe, "-o", tmp_path / "out2", "-q").exit_code == 0
         other = tensors(tmp_path / "out2" / "llm")
         assert not torch.equal(other["model.layers.0.mlp.up_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_single_member_and_identical_members_reproduce_the_llm(family, tmp_path):
+def test_single_member_and_identical_members_reproduce_the_llm(family, tmp_path, run_fuse, write_recipe):
     a = family["members"][0]
     want = tensors(family["llms"][0])
     cases = {
@@ -134,8 +120,8 @@ def test_single_member_and_identical_members_reproduce_the_llm(family, tmp_path)
         "linear_twice": (None, [{"model": str(a)}, {"model": str(a)}], {"method": "linear"}),
     }
     for name, (base, members, merge) in cases.items():
-        recipe = write_recipe(tmp_path / f"{name}.yaml", base, members, merge)
-        res = run_cli("merge", recipe, "-o", tmp_path / name, "-q", "--no-checksums")
+        recipe = write_recipe(tmp_path / f"{name}.yaml", members, base_model=base and str(base), merge=merge)
+        res = run_fuse("merge", recipe, "-o", tmp_path / name, "-q", "--no-checksums")
         assert res.exit_code == 0, res.output
         got = tensors(tmp_path / name / "llm")
         assert sorted(got) == sorted(want)
@@ -143,24 +129,32 @@ def test_single_member_and_identical_members_reproduce_the_llm(family, tmp_path)
             assert torch.equal(got[k], want[k]), f"{name}: {k}"
 
 
-def test_output_layout_and_loading(family, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from fuse.members import load_vision_branch
-    from fuse.merge.checksums import sha256_file
-
+@pytest.fixture(scope="module")
+def layout(family, tmp_path_factory, llava_pair, run_fuse, write_recipe):
+    """(recipe dir, OUT, `fuse merge` output) of one merge whose recipe sets every section: text member
+    "orig" with an extra eos id, an inference option, a relative output dir and small shards."""
     a, b = family["members"][:2]
-    recipe = write_recipe(tmp_path / "r.yaml", family["base"], [{"model": str(a)}, {"model": str(b), "name": "orig"}],
-                          {"method": "task_arithmetic"}, text={"member": "orig", "extra_eos_ids": [5]},
+    root = tmp_path_factory.mktemp("layout")
+    recipe = write_recipe(root / "r.yaml", [{"model": str(a)}, {"model": str(b), "name": "orig"}],
+                          merge={"method": "task_arithmetic"}, text={"member": "orig", "extra_eos_ids": [5]},
                           inference={"token_budget": "pool:2"}, output={"dir": "fused", "max_shard_size": "40KB"})
-    res = run_cli("merge", recipe, "-q")
+    res = run_fuse("merge", recipe, "-q", catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    out = tmp_path / "fused"  # output.dir is relative to the recipe file
-    assert "dist to base" in res.output and "wrote" in res.output
+    return root, root / "fused", res.output  # output.dir is relative to the recipe file
+
+
+def test_layout_top_level(layout):
+    root, out, printed = layout
+    assert "dist to base" in printed and "wrote" in printed
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "README.md", "config.json", "fuse_config.json", "llm",
                                                      "members"]
-    assert not list(tmp_path.glob(".fused.tmp-*"))
-    # sharded LLM with an index, loadable by transformers as a plain LlamaForCausalLM
+    assert not list(root.glob(".fused.tmp-*"))
+
+
+def test_layout_llm_is_a_plain_sharded_llama(layout):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = layout[1]
     assert (out / "llm" / "model.safetensors.index.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(str(out / "llm"))
     sd = tensors(out / "llm")
@@ -168,13 +162,18 @@ def test_output_layout_and_loading(family, tmp_path):
         assert torch.equal(v, sd[k]), k
     tok = AutoTokenizer.from_pretrained(str(out / "llm"))
     assert tok.convert_tokens_to_ids("<|eot_id|>") == 253
-    # the text side comes from the member named by text.member; eos = union + extra
-    cfg = json.loads((out / "fuse_config.json").read_text())
+    # generation stops on the eos union (the text member's) + the recipe's extra id
+    assert json.loads((out / "llm" / "generation_config.json").read_text())["eos_token_id"] == [253, 5]
+
+
+def test_layout_fuse_config(layout, family):
     from fuse.members import load_member
 
+    b = family["members"][1]
+    cfg = json.loads((layout[1] / "fuse_config.json").read_text())
+    # the text side comes from the member named by text.member; eos = union + extra
     assert cfg["text"] == {"member": "orig", "prompt_style": load_member(b).text.prompt_style,
                            "placeholder": "<image>", "eos_token_ids": [253, 5]}
-    assert json.loads((out / "llm" / "generation_config.json").read_text())["eos_token_id"] == [253, 5]
     assert [m["name"] for m in cfg["members"]] == ["a", "orig"]
     assert [m["weight"] for m in cfg["members"]] == [0.5, 0.5]
     assert cfg["members"][1]["dir"] == "members/orig" and cfg["members"][1]["format"] == "llava"
@@ -182,40 +181,55 @@ def test_output_layout_and_loading(family, tmp_path):
                             "seed": 0}
     assert cfg["inference"] == {"token_budget": "pool:2"} and cfg["format_version"] == 1
     assert cfg["base_model"] == str(family["base"])
-    full = json.loads((out / "config.json").read_text())
+
+
+def test_layout_config_json_is_fuse_config_plus_model_type(layout):
+    cfg = json.loads((layout[1] / "fuse_config.json").read_text())
+    full = json.loads((layout[1] / "config.json").read_text())
     assert full.pop("model_type") == "visionfuse" and full.pop("architectures") == ["FusedModel"] and full == cfg
-    # checksums of every source file
+
+
+def test_layout_checksums_of_every_source_file(layout, family):
+    from fuse.merge.checksums import sha256_file
+
+    a, b = family["members"][:2]
+    cfg = json.loads((layout[1] / "fuse_config.json").read_text())
     files = cfg["sources"][str(a)]["files"]
     assert files["model.safetensors"]["sha256"] == sha256_file(a / "model.safetensors")
     assert files["config.json"]["size"] == (a / "config.json").stat().st_size
     assert set(cfg["sources"]) == {str(a), str(b), str(family["base"])}
-    # vision branches are copies of the members' own
+
+
+def test_layout_vision_branches_are_the_members_own(layout, family):
+    from fuse.members import load_member, load_vision_branch
+
+    a, b = family["members"][:2]
     for name, src in (("a", a), ("orig", b)):
-        branch, vcfg = load_vision_branch(out / "members" / name)
-        own = load_member(src).vision.state_dict()
-        assert vcfg["format"] == load_member(src).format
-        for k, v in own.items():
+        branch, vcfg = load_vision_branch(layout[1] / "members" / name)
+        own = load_member(src)
+        assert vcfg["format"] == own.format
+        for k, v in own.vision.state_dict().items():
             assert torch.equal(branch.state_dict()[k], v), (name, k)
-    assert "orig" in (out / "README.md").read_text()
 
 
-def _with_pad_row(src: Path, dst: Path, seed: int = 5) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def test_layout_model_card(layout):
+    card = (layout[1] / "README.md").read_text()
+    assert "| 2 | orig | llava |" in card and "mergekit `task_arithmetic`" in card
+
+
+def _with_pad_row(src: Path, dst: Path, rewrite_weights, seed: int = 5) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A copy of an original-layout LLaVA member with one appended vocab row (like SliME's pad 128256)."""
     from transformers import AutoTokenizer
 
-    shutil.copytree(src, dst)
-    sd = tensors(dst)
     g = torch.Generator().manual_seed(seed)
     rows = {}
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):
-        rows[k] = torch.randn(1, sd[k].shape[1], generator=g)
-        sd[k] = torch.cat([sd[k], rows[k]])
-    for f in dst.glob("*.safetensors*"):
-        f.unlink()
-    w = ShardedWriter(dst)
-    for k, v in sd.items():
-        w.add(k, v)
-    w.close()
+
+    def append_row(sd: dict) -> None:
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows[k] = torch.randn(1, sd[k].shape[1], generator=g)
+            sd[k] = torch.cat([sd[k], rows[k]])
+
+    rewrite_weights(src, dst, append_row)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["vocab_size"] += 1
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -226,19 +240,18 @@ def _with_pad_row(src: Path, dst: Path, seed: int = 5) -> tuple[Path, torch.Tens
     return dst, rows["model.embed_tokens.weight"][0], rows["lm_head.weight"][0]
 
 
-def test_appended_vocab_rows_are_carried(family, tmp_path):
+def test_appended_vocab_rows_are_carried(family, tmp_path, run_fuse, write_recipe, rewrite_weights):
     from transformers import AutoModelForCausalLM
 
     a, b = family["members"][:2]
-    b_pad, emb_row, head_row = _with_pad_row(b, tmp_path / "b_pad")
-    plain = write_recipe(tmp_path / "plain.yaml", family["base"], [{"model": str(a)}, {"model": str(b)}], {})
-    padded = write_recipe(tmp_path / "pad.yaml", family["base"], [{"model": str(a)}, {"model": str(b_pad)}], {},
-                          text={"member": "b_pad"})
-    check = run_cli("check", padded)
+    b_pad, emb_row, head_row = _with_pad_row(b, tmp_path / "b_pad", rewrite_weights)
+    plain = write_recipe(tmp_path / "plain.yaml", [a, b])
+    padded = write_recipe(tmp_path / "pad.yaml", [a, b_pad], text={"member": "b_pad"})
+    check = run_fuse("check", padded)
     assert check.exit_code == 0, check.output
     assert "257" in check.output and "+1 appended vocab row" in check.output
     for r, o in ((plain, "plain"), (padded, "pad")):
-        res = run_cli("merge", r, "-o", tmp_path / o, "-q", "--no-checksums")
+        res = run_fuse("merge", r, "-o", tmp_path / o, "-q", "--no-checksums")
         assert res.exit_code == 0, res.output
     want, got = tensors(tmp_path / "plain" / "llm"), tensors(tmp_path / "pad" / "llm")
     for k in want:
@@ -256,12 +269,12 @@ def test_appended_vocab_rows_are_carried(family, tmp_path):
     assert [m["vocab_rows"] for m in fcfg["members"]] == [256, 257] and fcfg["llm"]["vocab_rows"] == 257
 
 
-def test_dry_run_plan_writes_nothing(family, tmp_path):
+def test_dry_run_plan_writes_nothing(family, tmp_path, run_fuse, write_recipe):
     from fuse.members import load_member
 
     members = [{"model": str(m), "density": 0.5} for m in family["members"]]
-    recipe = write_recipe(tmp_path / "r.yaml", family["base"], members, {"method": "ties", "out_dtype": "bfloat16"})
-    res = run_cli("merge", recipe, "-o", tmp_path / "out", "--dry-run")
+    recipe = write_recipe(tmp_path / "r.yaml", members, merge={"method": "ties", "out_dtype": "bfloat16"})
+    res = run_fuse("merge", recipe, "-o", tmp_path / "out", "--dry-run")
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["r.yaml"]
     llm = load_member(family["members"][0]).llm

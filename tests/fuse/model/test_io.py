@@ -12,10 +12,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from fuse.cli import main as fuse_cli
 from fuse.errors import CheckpointError, DataError
 from fuse.model import FusedModel
 from fuse.testing import random_image
@@ -76,12 +74,11 @@ def test_from_members_save_and_fuse_load(tiny_llava_hf, tmp_path):
     assert again.generate([img], ["<image>\nhi"], max_new_tokens=5) == m.generate([img], ["<image>\nhi"], max_new_tokens=5)
 
 
-def test_cli_generate_text_and_json(out, tmp_path):
+def test_cli_generate_text_and_json(out, tmp_path, run_fuse):
     img = tmp_path / "img.png"
     random_image(3, (64, 48)).save(img)
-    runner = CliRunner()
-    r = runner.invoke(fuse_cli, ["generate", str(out), "--image", str(img), "--prompt", "<image>\nWhat colour?",
-                                 "--max-new-tokens", "6", "--json", "--token-budget", "pool:2"])
+    r = run_fuse("generate", out, "--image", img, "--prompt", "<image>\nWhat colour?", "--max-new-tokens", "6",
+                 "--json", "--token-budget", "pool:2")
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout[r.stdout.index("{"):])
     fm = FusedModel.from_pretrained(out)
@@ -90,12 +87,11 @@ def test_cli_generate_text_and_json(out, tmp_path):
     assert data["answer"] == fm.generate([str(img)], ["<image>\nWhat colour?"], max_new_tokens=6, token_budget="pool:2")[0]
     assert set(data["timings"]) >= {"load", "vision", "assembly", "generate", "total"}
     assert set(data["timings"]["vision"]) == set(names)
-    r = runner.invoke(fuse_cli, ["generate", str(out), "--image", str(img), "--prompt", "What colour?",
-                                 "--max-new-tokens", "3"])
+    r = run_fuse("generate", out, "--image", img, "--prompt", "What colour?", "--max-new-tokens", "3")
     assert r.exit_code == 0 and "warning: prompt has no <image>" in r.output
 
 
-def test_odd_images_are_converted_and_corrupt_ones_fail(fused, tmp_path):
+def test_odd_images_are_converted_and_corrupt_ones_fail(fused, tmp_path, run_fuse):
     rng = np.random.default_rng(0)
     gray = Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8), "L")
     rgba = Image.fromarray(rng.integers(0, 256, (40, 50, 4), dtype=np.uint8), "RGBA")
@@ -111,7 +107,7 @@ def test_odd_images_are_converted_and_corrupt_ones_fail(fused, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(DataError, match="bad.jpg"):
         fused.generate([bad], ["<image>\nhi"])
-    r = CliRunner().invoke(fuse_cli, ["generate", "unused", "--image", str(bad), "--prompt", "hi"])
+    r = run_fuse("generate", "unused", "--image", bad, "--prompt", "hi")
     assert r.exit_code == 2 and "error:" in r.output and "bad.jpg" in r.output and "Traceback" not in r.output
 
 
@@ -156,7 +152,7 @@ def test_mismatched_batch(fused):
     ("members/{m}/vision.safetensors", "vision.safetensors"),
     ("members/{m}", "members/{m}"),
 ])
-def test_missing_files_name_the_file(out, tmp_path, victim, expected):
+def test_missing_files_name_the_file(out, tmp_path, victim, expected, run_fuse):
     m = json.loads((out / "fuse_config.json").read_text())["members"][1]["name"]
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -165,10 +161,10 @@ def test_missing_files_name_the_file(out, tmp_path, victim, expected):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     with pytest.raises(CheckpointError, match=expected.format(m=m)):
         FusedModel.from_pretrained(broken)
-    r = CliRunner().invoke(fuse_cli, ["generate", str(broken), "--image", str(tmp_path / "x.png"), "--prompt", "hi"])
+    r = run_fuse("generate", broken, "--image", tmp_path / "x.png", "--prompt", "hi")
     assert r.exit_code == 2  # image missing or model broken: both one-line errors
     random_image(0).save(tmp_path / "x.png")
-    r = CliRunner().invoke(fuse_cli, ["generate", str(broken), "--image", str(tmp_path / "x.png"), "--prompt", "hi"])
+    r = run_fuse("generate", broken, "--image", tmp_path / "x.png", "--prompt", "hi")
     last = r.output.strip().splitlines()[-1]
     assert r.exit_code == 2 and last.startswith("error:") and expected.format(m=m).split("/")[-1] in last
 
