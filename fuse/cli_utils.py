@@ -14,6 +14,9 @@ import click
 from .errors import FuseError
 
 
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # of every command group: -h works too
+
+
 class FriendlyGroup(click.Group):
     """A click group whose commands print ``error: ...`` (no traceback) for user errors."""
 
