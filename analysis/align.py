@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fuse.cli_utils import resolve_device
+from fuse.devices import resolve_device
 
 from . import metrics as M
 from .features import BranchTokens, ExtractStats, ImageSelection, iter_features

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from fuse.cli_utils import resolve_device
+from fuse.devices import resolve_device
 from fuse.errors import CheckpointError, DataError
 
 from .features import ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, tensor_digest

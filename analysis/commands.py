@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from fuse.cli_utils import parse_dtype
+from fuse.dtypes import parse_dtype
 
 
 def _command_line() -> str:
@@ -225,7 +225,7 @@ def attention_cmd(fused_dir: str, questions: str, n: int | None, layers_spec: st
     FUSED_DIR: a fused model directory (`fuse merge` output).
     """
     from .attention import build_report, read_questions, run_attention
-    from fuse.cli_utils import resolve_device
+    from fuse.devices import resolve_device
     from .report import Report
     from .sources import require_fused
 

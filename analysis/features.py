@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fuse.cli_utils import resolve_device
+from fuse.devices import resolve_device
 from fuse.errors import DataError
 from fuse.images import list_images, load_image
 

@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import click
 
+from .devices import resolve_device  # noqa: F401  (re-exported: its former home)
+from .dtypes import parse_dtype  # noqa: F401  (re-exported: its former home)
 from .errors import FuseError
 
 
@@ -75,39 +77,3 @@ def user_errors(fn: Callable) -> Callable:
             sys.exit(e.exit_code)
 
     return wrapper
-
-
-def parse_dtype(name):
-    """A model dtype from ``--dtype`` or the Python API: a name, a floating ``torch.dtype`` or None/"auto"."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        if name in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return name
-        raise FuseError(f"dtype {name}: models run in a floating dtype (float32, float16 or bfloat16)")
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, None: None, "auto": None}
-    if not isinstance(name, (str, type(None))) or name not in table:
-        raise FuseError(f"dtype {name!r}: expected one of float32, float16, bfloat16")
-    return table[name]
-
-
-def resolve_device(device):
-    """``None``/"auto" -> cuda if available else cpu; anything else must be a device this machine has."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise FuseError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FuseError(f"--device {device}: CUDA is not available on this machine (torch "
-                        f"{torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
-    if dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except Exception as e:  # no such backend / index, driver error: torch raises several types
-            raise FuseError(f"--device {device}: not usable on this machine ({str(e).splitlines()[0][:150]})") from None
-    return dev

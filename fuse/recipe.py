@@ -41,11 +41,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
 
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
 MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a member name is a directory name under OUT/members/
 MAX_YAML_NODES = 100_000  # a recipe has tens of values; YAML aliases can expand to billions
@@ -82,7 +82,7 @@ def check_yaml_size(data: Any, label: str) -> None:
 
 MethodName = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"]
 FormatName = Literal["auto", "llava-hf", "llava", "mgm", "slime", "comm"]
-DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+DtypeName = Literal[COMPUTE_DTYPES]
 
 
 class _Strict(BaseModel):
@@ -323,5 +323,5 @@ def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
     return parse_recipe(data, source=str(p), root=p.parent.resolve(), check=check)
 
 
-__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "NAME_RX", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
+__all__ = ["MEMBER_FORMATS", "MERGE_METHODS", "NAME_RX", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
            "TextSpec", "check_yaml_size", "derive_member_name", "load_recipe", "parse_recipe"]

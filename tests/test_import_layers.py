@@ -1,5 +1,6 @@
 """The package layers, checked on the source: ``fuse`` (the core) never imports ``train`` or ``analysis``;
-``train`` and ``analysis`` both build on ``fuse`` but never import each other.
+``train`` and ``analysis`` both build on ``fuse`` but never import each other; inside ``fuse``, the
+library (models, members, merge, ...) never imports the command-line layer.
 
 Every import statement counts, also one inside a function (a lazy import is still a dependency),
 and relative imports are resolved against the importing module's package.
@@ -59,6 +60,29 @@ def layer_violations() -> set[tuple[str, str]]:
 
 def test_layers_are_respected():
     assert layer_violations() == KNOWN_VIOLATIONS
+
+
+# the command-line layer of fuse: click groups, commands and their plumbing (one-line errors, start-up)
+CLI_LAYER = ("fuse.cli", "fuse.cli_utils", "fuse.commands", "fuse.__main__")
+
+
+def is_cli(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in CLI_LAYER)
+
+
+def test_the_library_does_not_import_the_cli_layer():
+    """fuse's library code is what the Python API runs: it must not depend on click plumbing (the CLI
+    calls the library, never the other way). ``fuse.testing`` (test builders with their own command
+    lines) is not library code."""
+    found = set()
+    for path in sorted((REPO / "fuse").rglob("*.py")):
+        mod = module_name(path)
+        if is_cli(mod) or mod.startswith("fuse.testing"):
+            continue
+        for imported in imported_modules(path.read_text(), mod, path.name == "__init__.py"):
+            if is_cli(imported):
+                found.add((str(path.relative_to(REPO)), imported))
+    assert found == set()
 
 
 def test_the_scan_resolves_relative_and_lazy_imports():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fuse.dtypes import torch_dtype
 from fuse.encoders import Encoder, build_encoder
 from fuse.errors import RecipeError
 from fuse.members.comm import CommBranch
@@ -24,14 +25,11 @@ from fuse.members.comm_fusion import FUSIONS, Fusion, FusionSpec, build_fusion, 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import EncoderConfig, TrainConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def encoder_dtype(name: str, on_gpu: bool) -> torch.dtype:
     """``auto`` -> bf16 on GPU, float32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
-    return _DTYPES[name]
+    return torch_dtype(name)
 
 
 def build_encoder_from_config(role: str, cfg: "EncoderConfig", on_gpu: bool = False) -> Encoder:

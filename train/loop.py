@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fuse.dtypes import torch_dtype
 from fuse.errors import CheckpointError, DataError, RecipeError
 from fuse.members.comm import CommBranch, save_comm_member
 from fuse.members.comm_fusion import build_fusion
@@ -441,7 +442,7 @@ class Trainer:
         name = self.cfg.save_dtype
         if name == "auto":
             return torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return torch_dtype(name)
 
     def export(self) -> Path:
         """Write ``<output_dir>/final`` (format ``comm``) atomically; collective call."""

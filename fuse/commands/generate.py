@@ -63,7 +63,8 @@ def register(group: click.Group) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
         import warnings
 
-        from ..cli_utils import parse_dtype, resolve_device
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
         from ..images import load_image
         from ..model.fused import FusedModel, check_generation
 

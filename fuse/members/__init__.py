@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import LazyCheckpoint, read_json
+from ..dtypes import most_common_dtype, parse_dtype
 from ..errors import CheckpointError, FormatError
 from . import llava, llava_branch, llava_hf  # noqa: F401  (register formats/branches)
 from .base import (FORMATS, VISION_BRANCHES, FormatAdapter, LLMPart, Member, VisionBranch, load_vision_branch,
@@ -66,16 +67,6 @@ def detect_format(config: dict, keys: list[str], path: Path | None = None) -> st
     raise FormatError(f"{where}ambiguous format ({', '.join(hits)}); pass format= explicitly")
 
 
-def stored_float_dtype(reader: LazyCheckpoint) -> torch.dtype | None:
-    """The most common floating dtype among a checkpoint's tensors (header facts only)."""
-    counts: dict[torch.dtype, int] = {}
-    for k in reader.keys():
-        dt = reader.dtype(k)
-        if dt.is_floating_point:
-            counts[dt] = counts.get(dt, 0) + 1
-    return max(counts, key=counts.get) if counts else None
-
-
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype | None):
     """Temporarily make ``dtype`` torch's default floating dtype (no-op for None)."""
@@ -111,10 +102,8 @@ def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dt
     if fmt not in FORMATS:
         raise FormatError(f"format {fmt!r} unknown; known: auto, {', '.join(sorted(FORMATS))}")
     if dtype == "source":
-        dtype = stored_float_dtype(reader)
+        dtype = most_common_dtype((reader.dtype(k) for k in reader.keys()), floating_only=True)
     else:
-        from ..cli_utils import parse_dtype
-
         dtype = parse_dtype(dtype)
     with default_dtype(dtype):  # build modules directly in the target dtype: no float32 peak first
         member = FORMATS[fmt].load(path, config, reader, dtype=dtype, vision=vision, **options)

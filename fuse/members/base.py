@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import LazyCheckpoint, read_json
+from ..dtypes import most_common_dtype
 from ..errors import CheckpointError, FormatError
 from .text import TextSide
 
@@ -223,13 +224,9 @@ class Member:
 
     def vision_source_dtype(self) -> torch.dtype | None:
         """The most common dtype of the checkpoint's non-LLM tensors (None if unknown)."""
-        counts: dict[torch.dtype, int] = {}
         reader = self.llm.reader
-        for key, part in self.key_usage.items():
-            if part != "llm" and key in reader:
-                dt = reader.dtype(key)
-                counts[dt] = counts.get(dt, 0) + 1
-        return max(counts, key=counts.get) if counts else None
+        return most_common_dtype(reader.dtype(key) for key, part in self.key_usage.items()
+                                 if part != "llm" and key in reader)
 
     def save_vision_branch(self, directory: str | os.PathLike) -> None:
         """Write the branch in the dtype it had in the source checkpoint (no silent size/precision change)."""

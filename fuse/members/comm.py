@@ -33,6 +33,7 @@ from PIL import Image
 from torch import nn
 
 from ..checkpoint import LazyCheckpoint, ShardedWriter
+from ..dtypes import dtype_name
 from ..encoders import Encoder, build_encoder, encoder_from_spec
 from ..errors import FormatError
 from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch, register_format
@@ -56,7 +57,7 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, torch.dtype):
-        return str(obj).replace("torch.", "")
+        return dtype_name(obj)
     return obj
 
 

@@ -48,6 +48,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from ..checkpoint import LazyCheckpoint
+from ..dtypes import MODEL_DTYPES, dtype_name, torch_dtype
 from ..encoders import ClipEncoder, encoder_from_spec
 from ..errors import CheckpointError, FormatError
 from .anyres import anyres_views
@@ -121,7 +122,7 @@ class SliMEBranch(VisionBranch):
                 "local_queries": s.grid ** 2, "top_p": s.top_p, "temperature": s.temperature,
                 "select_layer": self.select_layer, "merge": self.merge, "use_global_only": self.use_global_only,
                 "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id,
-                "selection_dtype": None if s.selection_dtype is None else str(s.selection_dtype).replace("torch.", "")}
+                "selection_dtype": None if s.selection_dtype is None else dtype_name(s.selection_dtype)}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SliMEBranch":
@@ -215,16 +216,13 @@ class SliMEBranch(VisionBranch):
         return out
 
 
-SELECTION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def selection_dtype(name: str | None) -> torch.dtype | None:
     """The dtype of SliME's text-guided selection: None = the branch's dtype (SliME's own behaviour)."""
     if name is None:
         return None
-    if name not in SELECTION_DTYPES:
-        raise ValueError(f"expected one of {', '.join(SELECTION_DTYPES)} or null (the branch dtype), got {name!r}")
-    return SELECTION_DTYPES[name]
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"expected one of {', '.join(MODEL_DTYPES)} or null (the branch dtype), got {name!r}")
+    return torch_dtype(name)
 
 
 def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:

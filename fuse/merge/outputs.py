@@ -11,7 +11,8 @@ from typing import Sequence
 from ..errors import RecipeError
 from ..members import resolve_path
 from ..recipe import Recipe
-from .plan import MergePlan, dtype_name
+from ..dtypes import dtype_name
+from .plan import MergePlan
 from .sources import BaseInput, MemberInput
 
 FORMAT_VERSION = 1

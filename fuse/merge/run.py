@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..dtypes import dtype_name
 from ..output_dir import atomic_output_dir, check_output, refuse_overlap
 from ..recipe import Recipe
 from ..hub import resolve_recipe
@@ -26,7 +27,7 @@ from .methods import MergeError, TensorMerger, all_finite
 from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
                       union_eos)
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
-from .plan import MergePlan, TensorJob, build_plan, dtype_name
+from .plan import MergePlan, TensorJob, build_plan
 from .reader import RowReader
 from .sources import BaseInput, MemberInput, Models, open_base, open_members
 from .threads import torch_threads

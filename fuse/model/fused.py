@@ -191,7 +191,7 @@ class FusedModel(PreTrainedModel):
         exactly one member (its own LLM: the fused model then equals the original member).
         ``text_member``: index or name of the member whose tokenizer/prompt style is used.
         """
-        from ..cli_utils import parse_dtype
+        from ..dtypes import parse_dtype
 
         members = list(members)
         if not members:
@@ -250,7 +250,8 @@ class FusedModel(PreTrainedModel):
         ignored = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
         if ignored:
             warnings.warn(f"FusedModel.from_pretrained ignores {', '.join(ignored)}", stacklevel=2)
-        from ..cli_utils import parse_dtype, resolve_device
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
 
         dtype = parse_dtype(dtype)
         device = resolve_device(device) if device is not None else None
