@@ -26,6 +26,7 @@ from torch import nn
 from ..checkpoint import LazyCheckpoint, read_json
 from ..dtypes import most_common_dtype
 from ..errors import CheckpointError, FormatError
+from ..state_dict import load_state_dict_strict
 from .text import TextSide
 
 VISION_CONFIG = "vision_config.json"
@@ -136,12 +137,11 @@ class LLMPart:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
         sd = {n: self.get(n, dtype or self.dtype(n)) for n in self.keys}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if cfg.tie_word_embeddings:
-            missing = [m for m in missing if m != "lm_head.weight"]
+        tied = bool(cfg.tie_word_embeddings)  # a tied lm_head is the embedding, never stored
+        load_state_dict_strict(model, sd, self.reader.path, "LLM weights and LlamaForCausalLM",
+                               may_miss=lambda k: tied and k == "lm_head.weight")
+        if tied:
             model.tie_weights()
-        if missing or unexpected:
-            raise FormatError(f"LLM weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.to(device).eval()
 
 
@@ -271,11 +271,8 @@ def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None =
         return _load_copied_branch(d, cfg, dtype), cfg
     branch = branch_class(cfg["kind"]).from_spec(cfg["spec"])
     LazyCheckpoint(d / VISION_WEIGHTS)  # validates header / truncation with a clear error
-    sd = load_file(str(d / VISION_WEIGHTS))
-    missing, unexpected = branch.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{d / VISION_WEIGHTS}: weights do not fit the {cfg['kind']} branch "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_state_dict_strict(branch, load_file(str(d / VISION_WEIGHTS)), d / VISION_WEIGHTS,
+                           f"weights and the {cfg['kind']} branch", error=CheckpointError)
     if dtype is not None:
         branch.to(dtype)
     return branch.eval(), cfg

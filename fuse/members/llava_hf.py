@@ -18,6 +18,7 @@ import torch
 from ..checkpoint import LazyCheckpoint
 from ..encoders import MODEL_TYPES, encoder_class
 from ..errors import FormatError
+from ..state_dict import load_state_dict_strict
 from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from, register_format
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava_branch import LlavaBranch
@@ -97,7 +98,4 @@ class LlavaHFAdapter(FormatAdapter):
 
 def load_projector(projector: torch.nn.Module, sd: dict, path: Path) -> None:
     """Strictly load projector weights; FormatError naming the checkpoint otherwise."""
-    missing, unexpected = projector.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: projector weights do not fit the projector described by config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_state_dict_strict(projector, sd, path, "projector weights and the projector described by config.json")

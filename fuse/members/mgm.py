@@ -49,6 +49,7 @@ from ..encoders import ClipEncoder, ConvNextEncoder, encoder_from_spec
 from ..encoders.convnext import config_from_timm_shapes
 from ..errors import FormatError
 from ..images import mean_color, pad_to_square, to_rgb
+from ..state_dict import load_state_dict_strict
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
                    register_format)
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
@@ -250,7 +251,8 @@ class MGMAdapter(FormatAdapter):
             if aux_dim != stage_sum:
                 raise FormatError(f"{path}: mining aux width {aux_dim} != sum of ConvNeXt stage widths {stage_sum}")
             mining = PatchInfoMining(query_dim, aux_dim)
-            _strict_load(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path, "patch-info-mining")
+            load_state_dict_strict(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path,
+                                   "patch-info-mining weights")
 
             image_grid = int(config.get("image_grid", 1) or 1)
             image_global = bool(config.get("image_global", False))
@@ -273,12 +275,6 @@ class MGMAdapter(FormatAdapter):
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
-
-
-def _strict_load(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _load_aux_tower(reader: LazyCheckpoint, keys: list[str], config: dict, path: Path) -> ConvNextEncoder:

@@ -51,6 +51,7 @@ from ..checkpoint import LazyCheckpoint
 from ..dtypes import MODEL_DTYPES, dtype_name, torch_dtype
 from ..encoders import ClipEncoder, encoder_from_spec
 from ..errors import CheckpointError, FormatError
+from ..state_dict import load_state_dict_strict
 from .anyres import anyres_views
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
                    register_format)
@@ -237,12 +238,6 @@ def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
         raise CheckpointError(f"{info.file}: cannot read {key} row {row} ({e})") from None
 
 
-def _strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 @register_format
 class SliMEAdapter(FormatAdapter):
     name = "slime"
@@ -300,15 +295,17 @@ class SliMEAdapter(FormatAdapter):
             heads = mm_hidden // 128
             projector = GatedProjector(mm_hidden, llm_hidden, math.isqrt(global_q), heads,
                                        int(config.get("mm_learnable_gated", -1)))
-            _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
-                    "gated projector")
+            load_state_dict_strict(projector, {k[len(PROJ):]: reader.get(k)
+                                               for k in parts["projector"] + parts["resampler"]},
+                                   path, "gated projector weights")
             try:
                 sel_dtype = selection_dtype(options.get("selection_dtype"))
             except ValueError as e:
                 raise FormatError(f"{path}: options.selection_dtype: {e}") from None
             sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
                                    float(config.get("mm_resampler_temp", 1.0)), sel_dtype)
-            _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
+            load_state_dict_strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path,
+                                   "sampler weights")
 
             if llm_hidden != llm_conf["hidden_size"]:
                 raise FormatError(f"{path}: projector output {llm_hidden} != LLM hidden_size {llm_conf['hidden_size']}")
