@@ -43,24 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
+from .names import NAME_RX, derive_member_name, unique_names
 
 MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
 MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
 
-NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a member name is a directory name under OUT/members/
 MAX_YAML_NODES = 100_000  # a recipe has tens of values; YAML aliases can expand to billions
-
-
-def derive_member_name(source: str | os.PathLike) -> str:
-    """A member name from a path or hub id, valid as :data:`NAME_RX` requires: the basename of the
-    directory it points to (so ``x/..`` or ``.`` name a real directory, never ``..``), with other
-    characters replaced by ``_`` and leading dots dropped; ``member`` if nothing is left."""
-    p = Path(os.path.expanduser(str(source).rstrip("/\\") or str(source)))
-    name = p.name
-    if name in ("", ".", "..") or str(p).endswith(("/.", "/..")):
-        name = Path(os.path.realpath(p)).name  # what the path points to (a symlinked dir keeps its own name)
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
-    return stem if NAME_RX.fullmatch(stem) else "member"
 
 
 def check_yaml_size(data: Any, label: str) -> None:
@@ -180,20 +168,11 @@ class Recipe(_Strict):
         return cls(f"{self.label}: {field}: {message}")
 
     def member_names(self) -> list[str]:
-        """Names in member order: ``name`` or the model's basename, de-duplicated with -2, -3 ..."""
-        names: list[str] = []
-        explicit = {m.name for m in self.members if m.name}
-        for m in self.members:
-            if m.name:
-                names.append(m.name)
-                continue
-            stem = derive_member_name(m.model)
-            cand, k = stem, 1
-            while cand in names or cand in explicit:
-                k += 1
-                cand = f"{stem}-{k}"
-            names.append(cand)
-        return names
+        """Names in member order: ``name``, or one derived from the model (its basename) that no other
+        member has (:func:`fuse.names.unique_names`)."""
+        explicit = [m.name for m in self.members if m.name]
+        derived = iter(unique_names([derive_member_name(m.model) for m in self.members if not m.name], explicit))
+        return [m.name or next(derived) for m in self.members]
 
     def weights(self) -> list[float]:
         n = len(self.members)
@@ -323,5 +302,5 @@ def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
     return parse_recipe(data, source=str(p), root=p.parent.resolve(), check=check)
 
 
-__all__ = ["MEMBER_FORMATS", "MERGE_METHODS", "NAME_RX", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
-           "TextSpec", "check_yaml_size", "derive_member_name", "load_recipe", "parse_recipe"]
+__all__ = ["MEMBER_FORMATS", "MERGE_METHODS", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe", "TextSpec",
+           "check_yaml_size", "load_recipe", "parse_recipe"]

@@ -107,7 +107,7 @@ def load_member(source: str | os.PathLike, format: str = "auto", dtype: torch.dt
         dtype = parse_dtype(dtype)
     with default_dtype(dtype):  # build modules directly in the target dtype: no float32 peak first
         member = FORMATS[fmt].load(path, config, reader, dtype=dtype, vision=vision, **options)
-    from ..recipe import NAME_RX, derive_member_name
+    from ..names import NAME_RX, derive_member_name
 
     if name is not None and not NAME_RX.fullmatch(name):
         raise FormatError(f"name {name!r}: a member name must be a plain directory name (letters, digits, . _ -)")

@@ -41,8 +41,8 @@ from ..errors import CheckpointError, DataError, FuseError, NumericsError
 from ..images import load_image
 from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_branch
 from ..members.base import VISION_CONFIG, VISION_WEIGHTS
+from ..names import NAME_RX, unique_names
 from ..output_dir import atomic_output_dir
-from ..recipe import NAME_RX
 from .assembly import Assembled, Piece, assemble
 from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
 from .budget import BudgetResult, apply_budget
@@ -119,22 +119,6 @@ def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     return out
 
 
-def _unique_names(names: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        if n in seen:
-            seen[n] += 1
-            cand = f"{n}_{seen[n]}"
-            while cand in seen:
-                seen[n] += 1
-                cand = f"{n}_{seen[n]}"
-            n = cand
-        seen.setdefault(n, 0)
-        out.append(n)
-    return out
-
-
 class FusedModel(PreTrainedModel):
     """Merged LLM (``self.llm``, a causal LM) + vision branches (``self.branches``, recipe order).
 
@@ -197,7 +181,7 @@ class FusedModel(PreTrainedModel):
         if not members:
             raise FuseError("from_members: no members given")
         dtype = parse_dtype(dtype)
-        names = _unique_names([m.name for m in members])
+        names = unique_names([m.name for m in members])
         for n in names:
             if not NAME_RX.fullmatch(n):  # each becomes members/<name>/ in save_pretrained
                 raise FuseError(f"from_members: member name {n!r} is not a plain directory name "

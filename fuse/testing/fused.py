@@ -25,12 +25,11 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
     from transformers import AutoModelForCausalLM
 
     from ..members import Member, load_member
+    from ..names import unique_names
     from ..output_dir import atomic_output_dir
 
     loaded = [m if isinstance(m, Member) else load_member(m) for m in members]
-    names = list(names) if names else [m.name for m in loaded]
-    if len(set(names)) != len(names):
-        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    names = unique_names(names or [m.name for m in loaded])
     with atomic_output_dir(out, force=True) as tmp:
         if isinstance(llm, int):
             model = loaded[llm].llm.load_model(dtype)
