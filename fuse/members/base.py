@@ -26,11 +26,10 @@ from torch import nn
 from ..checkpoint import LazyCheckpoint, read_json
 from ..dtypes import most_common_dtype
 from ..errors import CheckpointError, FormatError
+from ..fused_layout import VISION_CONFIG, VISION_WEIGHTS
 from ..state_dict import load_state_dict_strict
 from .text import TextSide
 
-VISION_CONFIG = "vision_config.json"
-VISION_WEIGHTS = "vision.safetensors"
 CHECKPOINT_LAYOUT = "checkpoint"  # vision_config.json "layout" of a byte copy made by fuse merge
 
 # LlamaConfig fields that define the LLM (everything else in an MLLM config is dropped).

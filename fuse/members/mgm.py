@@ -48,6 +48,7 @@ from ..checkpoint import LazyCheckpoint
 from ..encoders import ClipEncoder, ConvNextEncoder, encoder_from_spec
 from ..encoders.convnext import config_from_timm_shapes
 from ..errors import FormatError
+from ..fused_layout import union_eos_ids
 from ..images import mean_color, pad_to_square, to_rgb
 from ..state_dict import load_state_dict_strict
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
@@ -316,8 +317,7 @@ def mgm_text_side(path: Path, config: dict, options: dict) -> TextSide:
     tok = tokenizer_dir(path)
     eot = llama3_eot_ids(tok)
     style = options.get("prompt_style") or ("mgm_llama_3" if eot else "vicuna_v1")
-    eos = eos_ids(path, config)
-    eos += [i for i in eot if i not in eos]
+    eos = union_eos_ids(eos_ids(path, config), eot)
     return TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos)
 
 

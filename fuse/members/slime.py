@@ -51,6 +51,7 @@ from ..checkpoint import LazyCheckpoint
 from ..dtypes import MODEL_DTYPES, dtype_name, torch_dtype
 from ..encoders import ClipEncoder, encoder_from_spec
 from ..errors import CheckpointError, FormatError
+from ..fused_layout import union_eos_ids
 from ..state_dict import load_state_dict_strict
 from .anyres import anyres_views
 from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
@@ -319,8 +320,7 @@ class SliMEAdapter(FormatAdapter):
         tok = tokenizer_dir(path)
         eot = llama3_eot_ids(tok)
         style = options.get("prompt_style") or ("slime_llama3" if eot else "vicuna_v1")
-        eos = eos_ids(path, config)
-        eos += [i for i in eot if i not in eos]
+        eos = union_eos_ids(eos_ids(path, config), eot)
         text = TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos, separator_token_id=sep_id)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)

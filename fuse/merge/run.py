@@ -18,14 +18,14 @@ from typing import Callable, Sequence
 import torch
 
 from ..dtypes import dtype_name
+from ..fused_layout import LLM_DIR, MEMBERS_DIR, MODEL_CARD, copy_tokenizer, model_card, write_configs
 from ..output_dir import atomic_output_dir, check_output, refuse_overlap
 from ..recipe import Recipe
 from ..hub import resolve_recipe
 from .checksums import BackgroundChecksums, start_checksums
 from .family import FamilyReport, check_family
 from .methods import MergeError, TensorMerger, all_finite
-from .outputs import (copy_tokenizer, fuse_config, generation_config, llm_config, model_card, tokenizer_source,
-                      union_eos)
+from .outputs import fuse_config, generation_config, llm_config, tokenizer_source, union_eos
 from .pipeline import InputLoader, Loaded, default_workers, merge_pieces, plan_pieces
 from .plan import MergePlan, TensorJob, build_plan
 from .reader import RowReader
@@ -216,19 +216,18 @@ def _run_merge(recipe: Recipe, out: Path, force: bool, dry_run: bool, allow_fore
         return MergeResult(None, plan, prep.report, time.perf_counter() - t0)
     eos = union_eos(members, text_index, recipe.text.extra_eos_ids)
     with atomic_output_dir(out, force=force) as tmp:  # an OSError in here becomes one line naming OUT
-        merge_llm(recipe, plan, base, members, tmp / "llm", display_dir=out / "llm", progress=progress,
+        llm = tmp / LLM_DIR
+        merge_llm(recipe, plan, base, members, llm, display_dir=out / LLM_DIR, progress=progress,
                   threads=threads, kernel=kernel)
         cfg = llm_config(members[text_index], plan, eos)
-        (tmp / "llm" / "config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "llm" / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
-        copy_tokenizer(tok_src, tmp / "llm")
-        save_vision_branches(recipe, members, tmp / "members", models)
+        (llm / "config.json").write_text(json.dumps(cfg, indent=2))
+        (llm / "generation_config.json").write_text(json.dumps(generation_config(cfg, eos), indent=2))
+        copy_tokenizer(tok_src, llm)
+        save_vision_branches(recipe, members, tmp / MEMBERS_DIR, models)
         sources = sums.result() if sums else {}
         fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
-        (tmp / "fuse_config.json").write_text(json.dumps(fcfg, indent=2))
-        (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse",
-                                                     "architectures": ["FusedModel"], **fcfg}, indent=2))
-        (tmp / "README.md").write_text(model_card(fcfg, plan))
+        write_configs(tmp, fcfg)
+        (tmp / MODEL_CARD).write_text(model_card(fcfg))
     seconds = time.perf_counter() - t0
     echo(f"wrote {out}: llm/ ({len(plan.jobs)} tensors, {plan.llm_bytes / 1e9:.3f} GB), members: "
          f"{', '.join(m.name for m in members)} ({seconds:.1f} s)")

@@ -38,19 +38,19 @@ from transformers import LogitsProcessor, PreTrainedModel
 
 from ..checkpoint import LazyCheckpoint, read_json
 from ..errors import CheckpointError, DataError, FuseError, NumericsError
+from ..fused_layout import (FUSE_CONFIG, LLM_DIR, MODEL_CARD, VISION_CONFIG, VISION_WEIGHTS, fused_eos_ids,
+                            has_tokenizer, member_dir, model_card)
 from ..images import load_image
 from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_branch
-from ..members.base import VISION_CONFIG, VISION_WEIGHTS
 from ..names import NAME_RX, unique_names
 from ..output_dir import atomic_output_dir
 from .assembly import Assembled, Piece, assemble
 from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
 from .budget import BudgetResult, apply_budget
-from .config import FUSE_CONFIG, FusedConfig
+from .config import FusedConfig
 from .options import InferenceOptions
 from .positions import span_offsets
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 # what AutoModel.from_pretrained passes along for hub downloads (a fused dir is always local)
 _HUB_KWARGS = {"cache_dir", "force_download", "proxies", "revision", "token", "local_files_only", "subfolder",
                "trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto", "device_map"}
@@ -197,12 +197,8 @@ class FusedModel(PreTrainedModel):
         if not 0 <= idx < len(members):
             raise FuseError(f"text_member: {text_member!r} is not one of the members {names}")
         text = members[idx].text
-        eos: list[int] = []
-        for m in members:
-            for i in m.text.eos_token_ids:
-                if i not in eos:
-                    eos.append(int(i))
-        infos = [{"name": n, "dir": f"members/{n}", "format": m.format, "source": str(m.path), "weight": None,
+        eos = fused_eos_ids([m.text.eos_token_ids for m in members], idx)
+        infos = [{"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path), "weight": None,
                   "density": None, "eos_token_ids": list(m.text.eos_token_ids), "vocab_rows": m.llm.vocab_rows,
                   "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id}
                  for n, m in zip(names, members)]
@@ -259,7 +255,7 @@ class FusedModel(PreTrainedModel):
         for i, m in enumerate(config.members):
             if not isinstance(m, dict) or not m.get("name"):
                 raise CheckpointError(f"{where}: members[{i}] has no 'name'")
-        member_dirs = [root / m.get("dir", f"members/{m['name']}") for m in config.members]
+        member_dirs = [root / m.get("dir", member_dir(m["name"])) for m in config.members]
         for m, mdir in zip(config.members, member_dirs):
             if not os.path.realpath(mdir).startswith(os.path.realpath(root) + os.sep):
                 raise CheckpointError(f"{where}: member {m['name']!r} dir {m.get('dir')!r} is outside {root}")
@@ -269,7 +265,7 @@ class FusedModel(PreTrainedModel):
             for f in (VISION_CONFIG, VISION_WEIGHTS):
                 if not (mdir / f).is_file():
                     raise CheckpointError(f"{mdir / f}: missing file of member {m['name']!r}")
-        llm = _load_llm(root / "llm", dtype, attn_implementation)
+        llm = _load_llm(root / LLM_DIR, dtype, attn_implementation)
         _load_plugins()
         branches, texts = {}, {}
         for m, mdir in zip(config.members, member_dirs):
@@ -295,22 +291,19 @@ class FusedModel(PreTrainedModel):
         import json
 
         with atomic_output_dir(save_directory, force=force) as tmp:
-            self.llm.save_pretrained(str(tmp / "llm"))
-            self.text.tokenizer.save_pretrained(str(tmp / "llm"))
+            self.llm.save_pretrained(str(tmp / LLM_DIR))
+            self.text.tokenizer.save_pretrained(str(tmp / LLM_DIR))
             members = []
             for info in self.config.members:
                 name = info["name"]
-                d = f"members/{name}"
+                d = member_dir(name)
                 save_vision_branch(self.branches[name], tmp / d, text=self.member_texts.get(name),
                                    extra={"format": info.get("format"), "source": info.get("source")})
                 members.append({**info, "dir": d})
             self.config.members = members
             (tmp / FUSE_CONFIG).write_text(json.dumps(self.config.fuse_dict(), indent=2, default=str))
-            self.config.save_pretrained(str(tmp))
-            (tmp / "README.md").write_text(
-                f"# Fused model (VisionFuse)\n\nMembers (visual-token order): {', '.join(self.member_names)}.\n"
-                f"Merge: {self.config.merge.get('method')}.\n\nLoad with `fuse.load(\"{Path(save_directory).name}\")` "
-                "or `fuse generate DIR --image IMG --prompt TEXT`.\n")
+            self.config.save_pretrained(str(tmp))  # config.json, with transformers' own fields
+            (tmp / MODEL_CARD).write_text(model_card(self.config.fuse_dict()))
 
     # ------------------------------------------------------------------ inputs
     def _text_side(self, template: bool) -> TextSide:
@@ -660,18 +653,14 @@ def _fused_text_side(root: Path, config: FusedConfig, member_texts: dict[str, Te
     if tm not in names:
         raise CheckpointError(f"{root / FUSE_CONFIG}: text.member {tm!r} is not one of the members {names}")
     base = member_texts.get(tm) or TextSide(tokenizer_path=None)
-    llm_dir = root / "llm"
-    tok_path = str(llm_dir) if any((llm_dir / f).is_file() for f in TOKENIZER_FILES) else base.tokenizer_path
+    llm_dir = root / LLM_DIR
+    tok_path = str(llm_dir) if has_tokenizer(llm_dir) else base.tokenizer_path
     if tok_path is None:
         raise CheckpointError(f"{llm_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) and "
                               f"member {tm!r} records none")
     eos = config.text.get("eos_token_ids")
-    if eos is None:
-        eos = []
-        for m in config.members:
-            for i in m.get("eos_token_ids") or []:
-                if i not in eos:
-                    eos.append(i)
+    if eos is None:  # a config written without the union: every member's, the text member's first
+        eos = fused_eos_ids([m.get("eos_token_ids") or [] for m in config.members], names.index(tm))
     return TextSide(tokenizer_path=tok_path, prompt_style=config.text.get("prompt_style") or base.prompt_style,
                     placeholder=config.text.get("placeholder") or base.placeholder,
                     eos_token_ids=[int(i) for i in (eos or base.eos_token_ids)],
