@@ -37,7 +37,7 @@ from ..dtypes import dtype_name
 from ..encoders import Encoder, build_encoder, encoder_from_spec
 from ..errors import FormatError
 from ..state_dict import load_state_dict_strict
-from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch, register_format
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .comm_fusion import Fusion, FusionSpec, build_fusion
 from .common import eos_ids, tokenizer_dir
 from .text import TextSide
@@ -62,7 +62,6 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-@register_branch
 class CommBranch(VisionBranch):
     """Frozen encoders + a fusion module: ``images -> [N_tokens, D_llm]`` per image.
 
@@ -184,7 +183,6 @@ def load_comm_branch(path: Path, config: dict, reader: LazyCheckpoint) -> tuple[
     return branch.eval(), usage, parts
 
 
-@register_format
 class CommAdapter(FormatAdapter):
     """Reads the layout written by :func:`save_comm_member` (see the module docstring)."""
 
@@ -196,8 +194,8 @@ class CommAdapter(FormatAdapter):
         return config.get("model_type") == MODEL_TYPE or ARCHITECTURE in (config.get("architectures") or [])
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         where = path / "config.json"
         text_cfg = config.get("text_config") or {}
         mt = text_cfg.get("model_type", "llama")

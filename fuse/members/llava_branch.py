@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from ..encoders import Encoder, encoder_from_spec
-from .base import VisionBranch, register_branch
+from .base import VisionBranch
 from .projectors import build_projector
 
 
-@register_branch
 class LlavaBranch(VisionBranch):
     kind = "llava"
 

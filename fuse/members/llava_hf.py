@@ -19,7 +19,7 @@ from ..checkpoint import LazyCheckpoint
 from ..encoders import MODEL_TYPES, encoder_class
 from ..errors import FormatError
 from ..state_dict import load_state_dict_strict
-from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from, register_format
+from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava_branch import LlavaBranch
 from .text import TextSide, has_chat_template
@@ -39,7 +39,6 @@ def _proj_key(k: str) -> str:
     return re.sub(r"^linear_(\d)", lambda m: str(2 * (int(m[1]) - 1)), k)
 
 
-@register_format
 class LlavaHFAdapter(FormatAdapter):
     name = "llava-hf"
     branch_kind = "llava"
@@ -54,8 +53,8 @@ class LlavaHFAdapter(FormatAdapter):
         return "LlavaForConditionalGeneration" in (config.get("architectures") or []) or config.get("model_type") == "llava"
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", VISION_RX), ("projector", PROJ_RX),
             ("llm", r"^(language_model\.|model\.language_model\.|lm_head\.)"),

@@ -51,8 +51,7 @@ from ..errors import FormatError
 from ..fused_layout import union_eos_ids
 from ..images import mean_color, pad_to_square, to_rgb
 from ..state_dict import load_state_dict_strict
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .llava_hf import load_projector
@@ -67,7 +66,6 @@ MGM_ARCHS = ("MGMLlamaForCausalLM", "MiniGeminiLlamaForCausalLM")
 MGM_TYPES = ("mgm", "mini_gemini")
 
 
-@register_branch
 class MGMBranch(VisionBranch):
     """CLIP + ConvNeXt aux tower + patch info mining + projector (see module docstring).
 
@@ -198,7 +196,6 @@ def _aux_size_ok(image_size_aux: int, stem_patch: int, grid: int, image_grid: in
     return image_size_aux % stem_patch == 0 and (image_size_aux // stem_patch) % (grid * image_grid) == 0
 
 
-@register_format
 class MGMAdapter(FormatAdapter):
     name = "mgm"
     branch_kind = "mgm"
@@ -214,8 +211,8 @@ class MGMAdapter(FormatAdapter):
         return any(a in archs for a in MGM_ARCHS) or config.get("model_type") in MGM_TYPES
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("aux_encoder", r"^model\.vision_tower_aux\."),

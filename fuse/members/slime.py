@@ -54,8 +54,7 @@ from ..errors import CheckpointError, FormatError
 from ..fused_layout import union_eos_ids
 from ..state_dict import load_state_dict_strict
 from .anyres import anyres_views
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .mgm import llama3_eot_ids
@@ -67,7 +66,6 @@ SAMPLER = "model.sampler."
 DEFAULT_SEPARATOR_ID = 11  # SliME: tokenizer(",").input_ids[-1] for LLaMA-3
 
 
-@register_branch
 class SliMEBranch(VisionBranch):
     """CLIP + gated projector (global) + compressed, text-selected local crops.
 
@@ -239,7 +237,6 @@ def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
         raise CheckpointError(f"{info.file}: cannot read {key} row {row} ({e})") from None
 
 
-@register_format
 class SliMEAdapter(FormatAdapter):
     name = "slime"
     branch_kind = "slime"
@@ -252,8 +249,8 @@ class SliMEAdapter(FormatAdapter):
                           or any(k.startswith((PROJ + "projection.", SAMPLER)) for k in keys))
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("resampler", r"^model\.mm_projector\.attn\."),

@@ -222,8 +222,6 @@ class FusedModel(PreTrainedModel):
         ``dtype``: of the LLM and branches (default: the LLM checkpoint's dtype; branches float32).
         Missing or corrupt files raise :class:`~fuse.errors.CheckpointError` naming the file.
         """
-        from ..members import _load_plugins
-
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         if device is None and isinstance(kwargs.get("device_map"), (str, torch.device)):
             device = kwargs.pop("device_map")
@@ -266,7 +264,6 @@ class FusedModel(PreTrainedModel):
                 if not (mdir / f).is_file():
                     raise CheckpointError(f"{mdir / f}: missing file of member {m['name']!r}")
         llm = _load_llm(root / LLM_DIR, dtype, attn_implementation)
-        _load_plugins()
         branches, texts = {}, {}
         for m, mdir in zip(config.members, member_dirs):
             branch, vcfg = load_vision_branch(mdir, dtype=dtype)

@@ -111,9 +111,9 @@ def test_merge_of_copyable_members_never_imports_transformers_modeling(mixed, tm
 
 
 def test_copied_mgm_branch_loads_in_a_fresh_process(mixed):
-    """The MGM adapter registers lazily: reading its copy must not depend on an earlier import."""
+    """Reading an MGM copy must not depend on an earlier import of the MGM adapter (the registry lists it)."""
     _, out = mixed
-    code = ("from fuse.members.base import load_vision_branch; "
+    code = ("from fuse.members.loader import load_vision_branch; "
             f"b, c = load_vision_branch({str(out / 'members' / 'mgm')!r}); print(c['layout'], b.kind)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
