@@ -1,6 +1,7 @@
 """The package layers, checked on the source: ``fuse`` (the core) never imports ``train`` or ``analysis``;
 ``train`` and ``analysis`` both build on ``fuse`` but never import each other; inside ``fuse``, the
-library (models, members, merge, ...) never imports the command-line layer.
+library (models, members, merge, ...) never imports the command-line layer; and no module takes part in an
+import cycle.
 
 Every import statement counts, also one inside a function (a lazy import is still a dependency),
 and relative imports are resolved against the importing module's package.
@@ -27,14 +28,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
-    """Absolute names of every module that ``source`` (the text of module ``module``) imports;
-    ``from x import y`` counts as ``x`` and ``x.y`` (``y`` may be a submodule)."""
+def import_statements(source: str, module: str, is_package: bool = False) -> list[tuple[str, list[str]]]:
+    """``(absolute module, names imported from it)`` for every import in ``source`` (the text of module
+    ``module``), also inside functions; ``import x.y`` gives ``("x.y", [])``."""
     package = module if is_package else module.rpartition(".")[0]
-    out: set[str] = set()
+    out = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
+            out += [(alias.name, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 parts = package.split(".")
@@ -42,9 +43,15 @@ def imported_modules(source: str, module: str, is_package: bool = False) -> set[
                 mod = f"{base}.{node.module}" if node.module else base
             else:
                 mod = node.module or ""
-            out.add(mod)
-            out.update(f"{mod}.{alias.name}" for alias in node.names)
+            out.append((mod, [alias.name for alias in node.names]))
     return out
+
+
+def imported_modules(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every module ``source`` may import; ``from x import y`` counts as ``x`` and ``x.y`` (``y`` may be a
+    submodule)."""
+    return {m for mod, names in import_statements(source, module, is_package)
+            for m in (mod, *(f"{mod}.{n}" for n in names))}
 
 
 def layer_violations() -> set[tuple[str, str]]:
@@ -83,6 +90,70 @@ def test_the_library_does_not_import_the_cli_layer():
             if is_cli(imported):
                 found.add((str(path.relative_to(REPO)), imported))
     assert found == set()
+
+
+def module_dependencies(known: dict[str, Path]) -> dict[str, set[str]]:
+    """module -> the modules of ``known`` it imports. ``from pkg import sub`` depends on the submodule
+    ``pkg.sub`` when there is one, on ``pkg`` (its ``__init__``) otherwise."""
+    graph = {}
+    for mod, path in known.items():
+        deps = set()
+        for src, names in import_statements(path.read_text(), mod, path.name == "__init__.py"):
+            for target in [f"{src}.{n}" if f"{src}.{n}" in known else src for n in names] or [src]:
+                if target in known and target != mod:
+                    deps.add(target)
+        graph[mod] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            v, children = work[-1]
+            w = next(children, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on_stack.add(w)
+                    work.append((w, iter(sorted(graph[w]))))
+                elif w in on_stack:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on_stack.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    cycles.append(sorted(comp))
+    return cycles
+
+
+def test_no_import_cycles():
+    """A cycle (train.config <-> train.fusion was one) makes import order matter and hides which module
+    is the lower layer; lazy imports inside functions count, since they only postpone the cycle."""
+    known = {module_name(p): p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")}
+    assert import_cycles(module_dependencies(known)) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the checker
 
 
 def test_the_scan_resolves_relative_and_lazy_imports():

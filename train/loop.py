@@ -32,7 +32,7 @@ import torch
 from fuse.dtypes import torch_dtype
 from fuse.errors import CheckpointError, DataError, RecipeError
 from fuse.members.comm import CommBranch, save_comm_member
-from fuse.members.comm_fusion import build_fusion
+from fuse.fusions import build_fusion
 from fuse.members.common import eos_ids
 from fuse.members.text import load_tokenizer
 from fuse.output_dir import atomic_output_dir, check_output

@@ -12,7 +12,7 @@ On-disk layout of a member directory (written by :func:`save_comm_member`, read 
         training:      provenance (stage, steps, data, ...; informational)
     model.safetensors  (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
         model.*, lm_head.*          the LLM under canonical LLaMA names
-        vision.fusion.*             the fusion module (``comm_fusion`` parameter names)
+        vision.fusion.*             the fusion module (:mod:`fuse.fusions` parameter names)
         vision.encoders.<role>.model.*   frozen encoder weights (transformers names), when stored
     tokenizer files, generation_config.json
 
@@ -36,9 +36,9 @@ from ..checkpoint import LazyCheckpoint, ShardedWriter
 from ..dtypes import dtype_name
 from ..encoders import Encoder, build_encoder, encoder_from_spec
 from ..errors import FormatError
+from ..fusions import Fusion, FusionSpec, build_fusion
 from ..state_dict import load_state_dict_strict
 from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
-from .comm_fusion import Fusion, FusionSpec, build_fusion
 from .common import eos_ids, tokenizer_dir
 from .text import TextSide
 

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ..encoders import Encoder, encoder_from_spec
+from ..fusions.projectors import build_projector
 from .base import VisionBranch
-from .projectors import build_projector
 
 
 class LlavaBranch(VisionBranch):

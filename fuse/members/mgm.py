@@ -48,6 +48,7 @@ from ..checkpoint import LazyCheckpoint
 from ..encoders import ClipEncoder, ConvNextEncoder, encoder_from_spec
 from ..encoders.convnext import config_from_timm_shapes
 from ..errors import FormatError
+from ..fusions.projectors import build_projector
 from ..fused_layout import union_eos_ids
 from ..images import mean_color, pad_to_square, to_rgb
 from ..state_dict import load_state_dict_strict
@@ -56,7 +57,6 @@ from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .llava_hf import load_projector
 from .mgm_mining import PatchInfoMining, concat_stage_maps
-from .projectors import build_projector
 from .text import TextSide, tokenizer_vocab
 
 AUX = "model.vision_tower_aux."

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fuse.errors import FormatError
-from fuse.members.comm_fusion import FusionSpec, build_fusion, resolve_layers
-from train.fusion import FUSIONS
+from fuse.fusions.modules import FUSIONS, FusionSpec, build_fusion, resolve_layers
 
 B, N, DC, DD, LLM = 2, 4, 6, 5, 7
 
