@@ -92,6 +92,19 @@ def test_the_library_does_not_import_the_cli_layer():
     assert found == set()
 
 
+def test_the_recipe_schema_imports_nothing_downstream():
+    """fuse.recipe is read by everything (merge, analysis, the toy family); the merge methods, member
+    formats and models build on it, never the other way (their names and rules are checked in
+    fuse.merge.validate)."""
+    path = REPO / "fuse" / "recipe.py"
+    allowed = {"fuse.errors", "fuse.dtypes", "fuse.names", "fuse.units"}  # leaf modules (and names in them)
+    imported = imported_modules(path.read_text(), "fuse.recipe")
+    downstream = {m for m in imported
+                  if m.startswith("fuse.") and m not in allowed and m.rpartition(".")[0] not in allowed}
+    assert downstream == set()
+    assert "fuse.merge.methods" in imported_modules("from .merge.methods import method_info\n", "fuse.recipe")
+
+
 def module_dependencies(known: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the modules of ``known`` it imports. ``from pkg import sub`` depends on the submodule
     ``pkg.sub`` when there is one, on ``pkg`` (its ``__init__``) otherwise."""

@@ -47,7 +47,7 @@ def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_fo
     from ..recipe import load_recipe
 
     with startup_imports():
-        r = load_recipe(recipe, check=False)  # no torch yet: mergekit's method specs are checked below
+        r = load_recipe(recipe)  # no torch yet: what the method and formats allow is checked by run_merge
         sums = local = None
         if not (dry_run or no_checksums) and (force or not Path(out or r.output.dir).exists()):
             # every model already on disk: start hashing it now, while torch and mergekit import
@@ -57,7 +57,6 @@ def merge_cmd(recipe: str, out: str | None, force: bool, dry_run: bool, allow_fo
             local = resolve_recipe(r, local_only=True, cache_dir=cache_dir)
             sums = start_checksums(local) if local else None
         try:
-            r.check()
             from ..merge.run import run_merge
         except BaseException:
             if sums is not None:

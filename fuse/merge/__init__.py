@@ -25,6 +25,7 @@ _EXPORTS = {
     "MERGE_METHODS": "methods", "MergeError": "methods", "TensorMerger": "methods", "method_info": "methods",
     "MergePlan": "plan", "build_plan": "plan",
     "MergeResult": "run", "check_recipe": "run", "prepare": "run", "run_merge": "run",
+    "validate_recipe": "validate",
 }
 
 

@@ -31,6 +31,7 @@ from .plan import MergePlan, TensorJob, build_plan
 from .reader import RowReader
 from .sources import BaseInput, MemberInput, Models, open_base, open_members
 from .threads import torch_threads
+from .validate import validate_recipe
 from .vision import save_vision_branches
 from .writer import StreamingShardWriter
 
@@ -173,6 +174,7 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, force: bool = False
     out = Path(out or recipe.output.dir)
     sums = checksums if isinstance(checksums, BackgroundChecksums) else None
     try:
+        validate_recipe(recipe)
         if not dry_run:
             check_output(out, force)  # refuse before any work (and again when the output is published)
         fetch = dict(offline=offline, cache_dir=cache_dir, progress=progress, echo=echo)
@@ -238,6 +240,7 @@ def check_recipe(recipe: Recipe, allow_foreign: bool = False, echo: Echo = print
                  cache_dir: str | Path | None = None) -> FamilyReport:
     """``fuse check``: print the family table; raise FamilyError if the merge would be refused.
     Hub models not in the local cache are checked on their configs, tokenizers and headers only."""
+    validate_recipe(recipe)
     models = resolve_recipe(recipe, weights=False, offline=offline, cache_dir=cache_dir, echo=echo)
     prep = prepare(recipe, allow_foreign, echo=echo, raise_bad=False, models=models)
     prep.report.raise_if_bad(recipe.label, allow_foreign)
