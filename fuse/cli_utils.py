@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
@@ -77,3 +78,42 @@ def user_errors(fn: Callable) -> Callable:
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def options_from_dataclass(cls: type, param: str = "options", only: Iterable[str] | None = None,
+                           help: dict[str, str] | None = None, **defaults: Any) -> Callable:
+    """Decorator: one click option per field of dataclass ``cls`` that has ``cli`` metadata (see
+    :func:`fuse.merge.options.cli`), in field order; the command receives them as one ``cls`` instance,
+    keyword ``param``. ``only``: these fields; ``help``: field -> help text for this command;
+    ``defaults``: field -> default for this command (the dataclass's own otherwise)."""
+    fields = [f for f in dataclasses.fields(cls) if "cli" in f.metadata and (only is None or f.name in only)]
+    names = [f.name for f in fields]
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            kwargs[param] = cls(**{n: kwargs.pop(n) for n in names})
+            return fn(*args, **kwargs)
+
+        for f in reversed(fields):
+            command = _click_option(f, (help or {}).get(f.name), defaults.get(f.name, f.default))(command)
+        return command
+
+    return decorate
+
+
+def _click_option(f: dataclasses.Field, help: str | None, default: Any) -> Callable:
+    spec = dict(f.metadata["cli"])
+    flags, text, off = spec.pop("flags"), help or spec.pop("help"), spec.pop("off")
+    spec.pop("help", None)
+    if f.type in (bool, "bool"):
+        return click.option(*flags, f.name, is_flag=True, flag_value=not off, default=default, help=text)
+    kw: dict[str, Any] = {"default": default, "help": text, "show_default": spec.pop("show_default", False)}
+    if "min" in spec:
+        kw["type"] = click.IntRange(min=spec.pop("min"))
+    elif "choices" in spec:
+        kw["type"] = click.Choice(list(spec.pop("choices")))
+    elif spec.pop("path", None) == "dir":
+        kw["type"] = click.Path(file_okay=False)
+    return click.option(*flags, f.name, **kw)
+

@@ -121,7 +121,6 @@ KERNELS: dict[str, Callable[[dict[str, Any], Sequence[float], torch.dtype], Kern
     "task_arithmetic": _task_arithmetic,
     "linear": _linear,
 }
-KERNEL_CHOICES = ("auto", "mergekit")
 VERIFY_ELEMENTS = 1 << 14  # per tensor: rows compared with mergekit before the kernel takes over
 
 
@@ -194,5 +193,5 @@ class KernelGuard:
         return kernel(members, base, out_dtype)
 
 
-__all__ = ["KERNELS", "KERNEL_CHOICES", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel",
+__all__ = ["KERNELS", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel",
            "same_bits"]

@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import FuseError, RecipeError
-from .kernels import KERNEL_CHOICES, KernelGuard, build_kernel
+from .kernels import KernelGuard, build_kernel
+from .options import KERNEL_CHOICES
 
 
 class MergeError(FuseError):

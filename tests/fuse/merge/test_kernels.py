@@ -76,13 +76,16 @@ def test_a_kernel_that_differs_from_mergekit_is_replaced_by_it():
     assert calls == ["x"] and tm.uses_kernel
 
 
-def test_cli_kernel_choice_gives_the_same_bytes(tmp_path, run_fuse, write_recipe):
-    recipe = write_recipe(tmp_path, merge={"method": "task_arithmetic", "out_dtype": "bfloat16"})
+def test_kernel_choice_gives_the_same_bytes(tmp_path, write_recipe):
+    from fuse.merge.options import MergeOptions
+    from fuse.merge.run import run_merge
+    from fuse.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, merge={"method": "task_arithmetic", "out_dtype": "bfloat16"}))
     outs = {}
-    for kernel in ("auto", "mergekit"):
-        res = run_fuse("merge", recipe, "-o", tmp_path / kernel, "-q", "--kernel", kernel,
-                       env={"FUSE_MERGE_CHUNK_BYTES": "1024"}, catch_exceptions=False)
-        assert res.exit_code == 0, res.output
+    for kernel in ("auto", "mergekit"):  # tiny chunks: many pieces through the kernel (or mergekit)
+        run_merge(recipe, tmp_path / kernel, MergeOptions(kernel=kernel, chunk_bytes=1024, progress=False),
+                  echo=lambda *a: None)
         outs[kernel] = LazyCheckpoint(tmp_path / kernel / "llm")
     a, b = outs["auto"], outs["mergekit"]
     assert sorted(a.keys()) == sorted(b.keys())

@@ -246,6 +246,7 @@ def two_members(tmp_path_factory, tiny_base):
 
 
 def _merge(tmp_path: Path, base: Path, members: list[Path], workers: int, out: str, method: str = "task_arithmetic"):
+    from fuse.merge.options import MergeOptions
     from fuse.merge.plan import build_plan
     from fuse.merge.run import merge_llm, prepare
     from fuse.recipe import parse_recipe
@@ -254,7 +255,8 @@ def _merge(tmp_path: Path, base: Path, members: list[Path], workers: int, out: s
                            "members": [{"model": str(m), "weight": w} for m, w in zip(members, (0.7, 0.45))]})
     prep = prepare(recipe)
     plan = build_plan(recipe, prep.base, prep.members, prep.report.tensor_names, chunk_bytes=512)
-    merge_llm(recipe, plan, prep.base, prep.members, tmp_path / out, progress=False, workers=workers)
+    merge_llm(recipe, plan, prep.base, prep.members, tmp_path / out,
+              options=MergeOptions(progress=False, workers=workers))
     return LazyCheckpoint(tmp_path / out).state_dict()
 
 
