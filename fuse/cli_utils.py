@@ -82,10 +82,10 @@ def user_errors(fn: Callable) -> Callable:
 
 def options_from_dataclass(cls: type, param: str = "options", only: Iterable[str] | None = None,
                            help: dict[str, str] | None = None, **defaults: Any) -> Callable:
-    """Decorator: one click option per field of dataclass ``cls`` that has ``cli`` metadata (see
-    :func:`fuse.merge.options.cli`), in field order; the command receives them as one ``cls`` instance,
-    keyword ``param``. ``only``: these fields; ``help``: field -> help text for this command;
-    ``defaults``: field -> default for this command (the dataclass's own otherwise)."""
+    """Decorator: one click option per field of dataclass ``cls`` declared with :func:`fuse.flags.flag`, in
+    field order; the command receives them as one ``cls`` instance, keyword ``param``. ``only``: these
+    fields; ``help``: field -> help text for this command; ``defaults``: field -> default for this command
+    (the dataclass's own otherwise)."""
     fields = [f for f in dataclasses.fields(cls) if "cli" in f.metadata and (only is None or f.name in only)]
     names = [f.name for f in fields]
 
@@ -104,16 +104,15 @@ def options_from_dataclass(cls: type, param: str = "options", only: Iterable[str
 
 def _click_option(f: dataclasses.Field, help: str | None, default: Any) -> Callable:
     spec = dict(f.metadata["cli"])
-    flags, text, off = spec.pop("flags"), help or spec.pop("help"), spec.pop("off")
-    spec.pop("help", None)
+    flags, text, off = spec.pop("flags"), help or spec["help"], spec.pop("off")
     if f.type in (bool, "bool"):
         return click.option(*flags, f.name, is_flag=True, flag_value=not off, default=default, help=text)
-    kw: dict[str, Any] = {"default": default, "help": text, "show_default": spec.pop("show_default", False)}
-    if "min" in spec:
-        kw["type"] = click.IntRange(min=spec.pop("min"))
+    kw: dict[str, Any] = {"default": default, "help": text, "show_default": spec.get("show_default", False),
+                          "required": spec.get("required", False)}
+    if "min" in spec or "max" in spec:
+        kw["type"] = click.IntRange(min=spec.get("min"), max=spec.get("max"))
     elif "choices" in spec:
-        kw["type"] = click.Choice(list(spec.pop("choices")))
-    elif spec.pop("path", None) == "dir":
-        kw["type"] = click.Path(file_okay=False)
+        kw["type"] = click.Choice(list(spec["choices"]))
+    elif "path" in spec:
+        kw["type"] = click.Path(file_okay=spec["path"] != "dir")
     return click.option(*flags, f.name, **kw)
-

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from analysis.align import CONTROL_SUFFIX, TEXT, pair, random_projector_copy, run_align
 from analysis.cli import main
 from analysis.features import select_images
+from analysis.options import PipelineOptions
 from analysis.sources import load_sources
 from fuse.members import load_member
 
@@ -19,7 +20,7 @@ def test_shared_weights_align_control_does_not(family, square_images, recipe_wri
     src = load_sources(recipe)
     assert [m.name for m in src.members] == ["hf1", "orig1", "hf2"]
     sel = select_images(square_images, 8)
-    res = run_align(src, sel.paths, control="first", batch_size=4, workers=0, progress=False)
+    res = run_align(src, sel.paths, PipelineOptions(batch_size=4, workers=0, progress=False), control="first")
     assert res.entities == ["hf1", "orig1", "hf2", "hf1" + CONTROL_SUFFIX, TEXT]
     same = pair(res, "hf1", "orig1")  # llava-hf vs original layout, same vision weights
     ctrl = pair(res, "hf1", "hf1" + CONTROL_SUFFIX)

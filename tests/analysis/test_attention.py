@@ -13,6 +13,7 @@ from PIL import Image
 
 from analysis import attention as A
 from analysis.cli import main
+from analysis.options import PipelineOptions
 from fuse.model.attention import AttentionCapture, SampleAttention
 
 
@@ -92,7 +93,7 @@ def test_planted_attention_metrics(tmp_path):
     samples, note = A.read_questions(q, tmp_path)
     assert len(samples) == 6 and note is None
     model = PlantedModel()
-    res = A.run_attention(model, samples, workers=0, batch_size=4, progress=False, topk=25)
+    res = A.run_attention(model, samples, PipelineOptions(workers=0, batch_size=4, progress=False), topk=25)
     assert len(res.samples) == 4 and len(res.stats.skipped) == 2
     assert all(p.startswith("<image>\n") for call in model.calls for p in call)
     for s in res.samples:

@@ -15,6 +15,7 @@ from PIL import Image
 from analysis import blind_pairs as B
 from analysis.cli import main
 from analysis.features import Extractor
+from analysis.options import PipelineOptions
 from fuse.images import list_images
 
 PLANTED = {(3, 17), (5, 6), (20, 39), (0, 38)}
@@ -98,8 +99,8 @@ def coded_images(tmp_path):
 def test_pipeline_with_stub_encoders(coded_images, report_checker, tmp_path):
     clip, dino = planted_embeddings()
     paths = list_images(coded_images)
-    res = B.run_blind_pairs(paths, StubEmbedder(clip, "clip"), StubEmbedder(dino, "dino"), block=8,
-                            workers=2, batch_size=6, progress=False)
+    res = B.run_blind_pairs(paths, StubEmbedder(clip, "clip"), StubEmbedder(dino, "dino"),
+                            PipelineOptions(workers=2, batch_size=6, progress=False), block=8)
     found = {(res.paths[i].name, res.paths[j].name) for i, j in zip(res.pairs.i, res.pairs.j)}
     assert found == {(f"im_{i:02d}.png", f"im_{j:02d}.png") for i, j in PLANTED}
     assert len(res.stats.skipped) == 1
@@ -147,7 +148,7 @@ def test_real_embedders_match_transformers(tmp_path, square_images):
     de = B.build_embedder("dinov2", str(tmp_path / "dino"))
     assert ce.projection is not None and "projection" in ce.what
     paths = list_images(square_images)[:4]
-    res = B.run_blind_pairs(paths, ce, de, workers=0, progress=False, clip_min=-1.0, dino_max=2.0)
+    res = B.run_blind_pairs(paths, ce, de, PipelineOptions(workers=0, progress=False), clip_min=-1.0, dino_max=2.0)
     assert res.pairs.found == 6  # every pair passes these thresholds
     from fuse.images import load_image
 

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from analysis import metrics as M
 from analysis.cli import main
 from analysis.layers import load_encoder, run_layers, token_positions
+from analysis.options import PipelineOptions
 from fuse.images import list_images, load_image
 from fuse.testing import TINY_CLIP
 
@@ -28,7 +29,8 @@ def test_layer_cka_matches_direct_computation(clip_config, square_images, pool):
     torch.manual_seed(0)
     enc = load_encoder("clip", config=str(clip_config))
     paths = list_images(square_images)[:6]
-    res = run_layers(paths, enc, pool=pool, max_tokens=30, seed=3, workers=0, batch_size=4, progress=False)
+    res = run_layers(paths, enc, PipelineOptions(seed=3, workers=0, batch_size=4, progress=False), pool=pool,
+                     max_tokens=30)
     assert res.labels == ["emb", "1", "2", "3", "4"] and res.cka.shape == (5, 5)
     with torch.no_grad():
         h = enc.features(enc.preprocess([load_image(p) for p in paths]), list(range(5)))  # [B, L, 16, D]
