@@ -30,7 +30,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,7 +48,7 @@ from .assembly import Assembled, Piece, assemble
 from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
 from .budget import BudgetResult, apply_budget
 from .config import FusedConfig
-from .options import InferenceOptions
+from .options import INFERENCE_KEYS, InferenceOptions
 from .positions import span_offsets
 
 # what AutoModel.from_pretrained passes along for hub downloads (a fused dir is always local)
@@ -327,14 +327,14 @@ class FusedModel(PreTrainedModel):
 
     @torch.no_grad()
     def prepare(self, images: Any, prompts: str | Sequence[str], template: bool = True,
-                token_budget: Any = None, positions: Any = None, separator: Any = None,
-                max_new_tokens: int = 0) -> FusedInputs:
+                inference: Mapping[str, Any] | None = None, max_new_tokens: int = 0) -> FusedInputs:
         """Images + prompts -> the assembled, left-padded LLM input.
 
         ``images``: one per prompt (paths or PIL images; converted to RGB by ``fuse.images.load_image``).
         ``template``: apply the text member's prompt style (chat template) to each prompt; False uses
-        the prompt as the full text. ``token_budget``/``positions``/``separator`` override the model's
-        inference options for this call (see :mod:`fuse.model.options`). ``max_new_tokens`` is only
+        the prompt as the full text. ``inference``: overrides of the model's inference options for this
+        call, as in the recipe's ``inference`` section (``{"token_budget": "pool:2", "positions": {name:
+        "share"}, "separator": "member"}``, see :mod:`fuse.model.options`). ``max_new_tokens`` is only
         used to check the context length.
         """
         t_start = time.perf_counter()
@@ -346,7 +346,7 @@ class FusedModel(PreTrainedModel):
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise DataError(f"prompt {i}: expected a string, got {type(p).__name__}")
-        opts = self.options.override(self.member_names, token_budget, positions, separator)
+        opts = self.options.override(self.member_names, inference)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
         full = [side.prompt(p) for p in prompts]
@@ -436,12 +436,12 @@ class FusedModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ running
     def forward(self, images: Any = None, prompts: Any = None, inputs: FusedInputs | None = None,
-                template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                **llm_kwargs: Any):
+                template: bool = True, inference: Mapping[str, Any] | None = None, **llm_kwargs: Any):
         """One forward pass of the merged LLM; returns its output (``.logits [B, L, V]``) with
         ``.fused_inputs`` set to the :class:`FusedInputs` used (build them with :meth:`prepare`)."""
+        _refuse_inference_keywords(llm_kwargs)
         if inputs is None:
-            inputs = self.prepare(images, prompts, template, token_budget, positions, separator)
+            inputs = self.prepare(images, prompts, template, inference)
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                        position_ids=inputs.position_ids, **llm_kwargs)
         out.fused_inputs = inputs
@@ -450,21 +450,23 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, images: Any, prompts: str | Sequence[str], max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
+                 template: bool = True, inference: Mapping[str, Any] | None = None,
                  return_details: bool = False, seed: int | None = None, **gen_kwargs: Any):
         """Answer ``prompts`` (one image each). Returns ``list[str]``, or a :class:`GenerationResult`
         with ``return_details=True``.
 
         Batched with left padding; stops on every member's eos id (``fuse_config.text.eos_token_ids``);
         greedy by default, sampling with ``do_sample=True`` (``temperature``, ``top_p``, ``seed``).
-        Extra ``gen_kwargs`` go to transformers' ``GenerationConfig`` (e.g. ``repetition_penalty``).
+        ``inference``: as for :meth:`prepare`. Extra ``gen_kwargs`` go to transformers' ``GenerationConfig``
+        (e.g. ``repetition_penalty``).
         """
         from transformers import GenerationConfig, LogitsProcessorList
 
+        _refuse_inference_keywords(gen_kwargs)
         check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
         eos = self.eos_token_ids
         tok = self.text.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
@@ -504,11 +506,11 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def capture_attention(self, images: Any, prompts: str | Sequence[str], layers: int | Sequence[int] | None = None,
                           query: str | Sequence[int] = "last", max_new_tokens: int = 16, template: bool = True,
-                          token_budget: Any = None, positions: Any = None, separator: Any = None) -> AttentionCapture:
+                          inference: Mapping[str, Any] | None = None) -> AttentionCapture:
         """Attention from chosen positions to each member's visual tokens, per requested layer.
 
         Args:
-            images, prompts: as for :meth:`generate` (one image per prompt).
+            images, prompts, template, inference: as for :meth:`generate` (one image per prompt).
             layers: LLM layer indices (negative from the end); None = every layer. Only these layers
                 are hooked; other layers' attention is never stored.
             query: which positions attend (in each sample's own unpadded sequence):
@@ -529,7 +531,7 @@ class FusedModel(PreTrainedModel):
         """
         from .attention import decoder_layers
 
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
         layer_ids = resolve_layers(layers, len(decoder_layers(self.llm)))
         answers: list[list[int]] = [[] for _ in inputs.assembled.lengths]
         if query == "answer":
@@ -607,6 +609,14 @@ class _FiniteLogits(LogitsProcessor):
             raise NumericsError(f"the LLM produced NaN/Inf logits at generation step {self.step} for sample(s) "
                                 f"{rows} (NaN/Inf in the weights, or overflow in {self.dtype}); no answer is possible")
         return scores
+
+
+def _refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:
+    """token_budget= / positions= / separator= used to be keywords of their own; passed that way now they
+    would reach transformers' GenerationConfig (or the LLM) and be ignored silently."""
+    old = [k for k in INFERENCE_KEYS if k in kwargs]
+    if old:
+        raise FuseError(f"{old[0]}=...: inference options are passed together, as inference={{{old[0]!r}: ...}}")
 
 
 def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,

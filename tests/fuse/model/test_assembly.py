@@ -108,7 +108,7 @@ def test_member_separator_inserted_between_members(two):
     img = random_image(12, (64, 64))
     fused.config.members[0]["separator_token_id"] = 11
     try:
-        inputs = fused.prepare([img], [PROMPTS[0]], separator="member")
+        inputs = fused.prepare([img], [PROMPTS[0]], inference={"separator": "member"})
     finally:
         fused.config.members[0]["separator_token_id"] = None
     sp = inputs.spans[0]
@@ -116,7 +116,7 @@ def test_member_separator_inserted_between_members(two):
     E = embedding_table(out)
     s = sp[f"sep:{ma.name}"][0]
     assert torch.equal(inputs.inputs_embeds[0, s], E[11])
-    fixed = fused.prepare([img], [PROMPTS[0]], separator=7)
+    fixed = fused.prepare([img], [PROMPTS[0]], inference={"separator": 7})
     assert torch.equal(fixed.inputs_embeds[0, fixed.spans[0][f"sep:{ma.name}"][0]], E[7])
     assert f"sep:{mb.name}" not in fixed.spans[0]  # nothing after the last member
     assert "sep:" not in "".join(fused.prepare([img], [PROMPTS[0]]).spans[0])  # default: none

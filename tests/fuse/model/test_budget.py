@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuse.errors import RecipeError
+from fuse.errors import FuseError, RecipeError
 from fuse.model import FusedModel
 from fuse.model.budget import apply_budget, expected_count
 from fuse.model.options import InferenceOptions, parse_budget, parse_positions
@@ -89,16 +89,29 @@ def fused(tmp_path_factory, tiny_base, tiny_llava_hf):
     return FusedModel.from_pretrained(out)
 
 
+def test_inference_overrides_are_one_argument(fused):
+    """token_budget / positions / separator are passed together (the keys of the recipe's inference
+    section); the old separate keywords are refused instead of reaching GenerationConfig unseen."""
+    img = random_image(7, (64, 64))
+    for call in (lambda: fused.generate([img], ["<image>\nhi"], max_new_tokens=2, token_budget="all"),
+                 lambda: fused(images=[img], prompts=["<image>\nhi"], separator="none")):
+        with pytest.raises(FuseError, match=r"=\.\.\.: inference options are passed together, as inference="):
+            call()
+    with pytest.raises(RecipeError, match=r"inference: unknown key\(s\) \['budget'\]"):
+        fused.prepare([img], ["<image>\nhi"], inference={"budget": "all"})
+
+
 def test_recipe_budget_and_overrides_report_counts(fused):
     a, b = fused.member_names
     img = random_image(7, (64, 64))
     assert fused.prepare([img], ["<image>\nhi"]).tokens == [{a: 16, b: 4}]  # from fuse_config inference
-    assert fused.prepare([img], ["<image>\nhi"], token_budget="all").tokens == [{a: 16, b: 16}]
+    assert fused.prepare([img], ["<image>\nhi"], inference={"token_budget": "all"}).tokens == [{a: 16, b: 16}]
     res = fused.generate([img, img], ["<image>\nWhat colour is the circle?", "<image>\nhow many?"],
-                         token_budget={a: "topk:5", b: "pool:2"}, max_new_tokens=3, return_details=True)
+                         inference={"token_budget": {a: "topk:5", b: "pool:2"}}, max_new_tokens=3,
+                         return_details=True)
     assert res.tokens == [{a: 5, b: 4}] * 2
     # pooled member tokens are the 2x2 means of its full tokens
-    full = fused.prepare([img], ["<image>\nhi"], token_budget="all")
+    full = fused.prepare([img], ["<image>\nhi"], inference={"token_budget": "all"})
     pooled = fused.prepare([img], ["<image>\nhi"])
     s, e = full.spans[0][b]
     ps, pe = pooled.spans[0][b]
@@ -110,7 +123,8 @@ def test_position_sharing_ids_and_generation(fused):
     a, b = fused.member_names
     img = random_image(8, (64, 64))
     prompts = ["<image>\nWhat colour is the circle?", "<image>\nhi"]
-    inputs = fused.prepare([img, img], prompts, token_budget="all", positions={b: "share", a: "groups:4"})
+    inputs = fused.prepare([img, img], prompts,
+                           inference={"token_budget": "all", "positions": {b: "share", a: "groups:4"}})
     for i in range(2):
         sp, pad = inputs.spans[i], inputs.assembled.pad[i]
         n0 = sp["text_before"][1] - sp["text_before"][0]
@@ -123,8 +137,8 @@ def test_position_sharing_ids_and_generation(fused):
         assert pos[slice(*sp["text_after"])].tolist() == list(range(n0 + 5, n0 + 5 + n_after))
         assert inputs.assembled.n_positions[i] == n0 + 5 + n_after
     # generation continues positions after the last prompt position: compare with a hand-written KV-cache loop
-    res = fused.generate([img, img], prompts, max_new_tokens=6, token_budget="all",
-                         positions={b: "share", a: "groups:4"}, return_details=True)
+    res = fused.generate([img, img], prompts, max_new_tokens=6, return_details=True,
+                         inference={"token_budget": "all", "positions": {b: "share", a: "groups:4"}})
     eos = set(fused.eos_token_ids)
     llm = fused.llm
     for i in range(2):
@@ -142,9 +156,11 @@ def test_position_sharing_ids_and_generation(fused):
                           past_key_values=out.past_key_values, use_cache=True)
                 nxt_pos += 1
         assert res.token_ids[i] == toks
-    plain = fused.generate([img], prompts[:1], max_new_tokens=6, token_budget="all", return_details=True)
+    plain = fused.generate([img], prompts[:1], max_new_tokens=6, inference={"token_budget": "all"},
+                           return_details=True)
     with torch.no_grad():
-        l_shared = fused(images=[img], prompts=prompts[:1], token_budget="all", positions={b: "share"}).logits
-        l_plain = fused(images=[img], prompts=prompts[:1], token_budget="all").logits
+        l_shared = fused(images=[img], prompts=prompts[:1],
+                         inference={"token_budget": "all", "positions": {b: "share"}}).logits
+        l_plain = fused(images=[img], prompts=prompts[:1], inference={"token_budget": "all"}).logits
     assert (l_shared[0, -1] - l_plain[0, -1]).abs().max() > 1e-4  # positions really reach the LLM
     assert plain.token_ids  # sanity

@@ -84,7 +84,8 @@ def test_cli_generate_text_and_json(out, tmp_path, run_fuse):
     fm = FusedModel.from_pretrained(out)
     names = fm.member_names
     assert data["tokens"] == {names[0]: 4, names[1]: 4} and data["visual_tokens"] == 8
-    assert data["answer"] == fm.generate([str(img)], ["<image>\nWhat colour?"], max_new_tokens=6, token_budget="pool:2")[0]
+    assert data["answer"] == fm.generate([str(img)], ["<image>\nWhat colour?"], max_new_tokens=6,
+                                         inference={"token_budget": "pool:2"})[0]
     assert set(data["timings"]) >= {"load", "vision", "assembly", "generate", "total"}
     assert set(data["timings"]["vision"]) == set(names)
     r = run_fuse("generate", out, "--image", img, "--prompt", "What colour?", "--max-new-tokens", "3")
@@ -136,7 +137,7 @@ def test_prompt_longer_than_context_reports_counts(fused):
     prompt = "<image>\n" + "the " * k
     with pytest.raises(DataError, match=rf"{ctx - 10} text tokens \+ 32 visual tokens"):
         fused.prepare([img], [prompt], max_new_tokens=5)
-    inputs = fused.prepare([img], [prompt], max_new_tokens=5, positions="share")
+    inputs = fused.prepare([img], [prompt], max_new_tokens=5, inference={"positions": "share"})
     assert inputs.assembled.n_positions == [ctx - 10 + 2] and inputs.assembled.lengths == [ctx - 10 + 32]
 
 
