@@ -1,6 +1,6 @@
 """Building the LLM input of a fused model from text pieces and member visual tokens.
 
-One sample is a list of :class:`Piece` in sequence order, typically::
+One sample is a list of :class:`Piece` in sequence order (:func:`assemble_inputs` builds them)::
 
     [text before <image>][member 1 tokens][separator?][member 2 tokens]...[text after <image>]
 
@@ -14,10 +14,13 @@ padded coordinates as ``name -> (start, end)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .positions import positions_used
+from .budget import BudgetResult
+from .options import PositionSpec
+from .positions import positions_used, span_offsets
 
 
 @dataclass
@@ -92,3 +95,27 @@ def assemble(samples: list[list[Piece]]) -> Assembled:
         spans.append(sp)
         n_pos.append(int(sample_pos.max()) + 1 if sample_pos.numel() else 0)
     return Assembled(embeds, mask, pos, spans, lengths, n_pos)
+
+
+def assemble_inputs(text_ids: Sequence[tuple[list[int], list[int]]], embed: Callable[[list[int]], torch.Tensor],
+                    visual: Mapping[str, Sequence[BudgetResult]], positions: Mapping[str, PositionSpec],
+                    separators: Sequence[int | None]) -> Assembled:
+    """The LLM input of a batch: per sample ``[text before][member 1][sep?][member 2]...[text after]``.
+
+    ``text_ids[i]``: the token ids before / after the image placeholder; ``embed(ids) -> [n, D]``: the
+    LLM's token embeddings; ``visual[member][i]``: sample i's budgeted tokens, members in visual-token
+    order; ``positions[member]``: its position scheme; ``separators[j]``: the token id inserted after
+    member ``j`` (None: nothing)."""
+    samples = []
+    for i, (before, after) in enumerate(text_ids):
+        text_emb = embed(before + after)  # one lookup per sample
+        pieces = [Piece("text_before", "text", text_emb[:len(before)])]
+        for j, (name, per_sample) in enumerate(visual.items()):
+            res = per_sample[i]
+            pieces.append(Piece(name, "visual", res.tokens, span_offsets(res.count, positions[name], res.grids)))
+            if separators[j] is not None:
+                pieces.append(Piece(f"sep:{name}", "sep", embed([separators[j]])))
+        pieces.append(Piece("text_after", "text", text_emb[len(before):]))
+        samples.append(pieces)
+    return assemble(samples)
+

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import RecipeError
+from ..errors import FuseError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -202,3 +202,12 @@ class InferenceOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator}
+
+
+def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:
+    """token_budget= / positions= / separator= used to be keywords of their own; passed that way now they
+    would reach transformers' GenerationConfig (or the LLM) and be ignored silently."""
+    old = [k for k in INFERENCE_KEYS if k in kwargs]
+    if old:
+        raise FuseError(f"{old[0]}=...: inference options are passed together, as inference={{{old[0]!r}: ...}}")
+

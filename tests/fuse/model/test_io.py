@@ -186,4 +186,4 @@ def test_llm_with_more_rows_than_tokenizer(tiny_llava_hf, tmp_path):
     ids = res.token_ids[0]
     assert fm.decode(ids + [n_tok + 1, n_tok]) == fm.decode(ids) == res.texts[0]
     with pytest.raises(DataError, match="outside the LLM's embedding table"):
-        fm._embed_ids([n_tok + 5])
+        fm.embed_ids([n_tok + 5])
