@@ -211,7 +211,7 @@ class AttentionMaps(Extractor):
     def key(self) -> str:  # never cached: outputs depend on the question, not only the image
         raise RuntimeError("attention maps are not cached")
 
-    def prepare_at(self, image: Image.Image, index: int) -> tuple[Image.Image, int]:
+    def to_input_at(self, image: Image.Image, index: int) -> tuple[Image.Image, int]:
         return image, index
 
     def collate(self, items: list) -> list:

@@ -67,7 +67,7 @@ class PooledEmbedding(Extractor):
             self._key = module_fingerprint(self.encoder, extra)
         return f"{self.encoder.kind}-{self._key}/embedding"
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
+    def to_input(self, image: Image.Image) -> torch.Tensor:
         return self.encoder.preprocess([image])[0]
 
     def run(self, batch: torch.Tensor, device: torch.device) -> list[dict[str, torch.Tensor]]:

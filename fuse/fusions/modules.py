@@ -46,7 +46,7 @@ from .projectors import build_projector
 # -- layer selection ------------------------------------------------------------------------------------------
 
 
-def resolve_layers(selector: str | int | Sequence[int], num_layers: int, what: str = "layers") -> list[int]:
+def hidden_state_indices(selector: str | int | Sequence[int], num_layers: int, what: str = "layers") -> list[int]:
     """Turn a layer selector into hidden-state indices (0 = embeddings, i = output of block i).
 
     Selectors: ``"all"`` (1..L), ``"half"`` (second half: L//2+1..L), ``"last:K"`` (the last
@@ -537,7 +537,7 @@ def make_spec(fusion_type: str, encoders: dict[str, Any], llm_hidden: int, *, la
     if len(set(grids.values())) != 1:
         raise FormatError(f"fusion {fusion_type!r}: encoder patch grids differ ({grids}); set the encoders' "
                           "image_size so that image_size / patch_size agree")
-    resolved = {r: resolve_layers(sel[r], encoders[r].num_layers, f"fusion.layers.{r}") for r in roles}
+    resolved = {r: hidden_state_indices(sel[r], encoders[r].num_layers, f"fusion.layers.{r}") for r in roles}
     return FusionSpec(type=fusion_type, layers=resolved, dims={r: encoders[r].hidden_size for r in roles},
                       grid=grids[roles[0]], llm_hidden=llm_hidden, projector=projector or cls.default_projector,
                       **options)
@@ -554,4 +554,4 @@ def layers_note(spec: FusionSpec) -> str:
 
 __all__ = ["FUSIONS", "Fusion", "FusionSpec", "LayerScale", "PerLayerLLN", "PerLayerConvBN", "build_fusion",
            "dino_mlp", "fusion_class", "layers_note", "make_projector", "make_spec", "register_fusion",
-           "resolve_layers"]
+           "hidden_state_indices"]

@@ -40,7 +40,7 @@ Echo = Callable[[str], None]
 
 
 @dataclass
-class Prepared:
+class OpenedFamily:
     recipe: Recipe
     base: BaseInput | None
     members: list[MemberInput]
@@ -55,8 +55,8 @@ class MergeResult:
     seconds: float = 0.0
 
 
-def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True,
-            models: Models | None = None) -> Prepared:
+def open_family(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True,
+            models: Models | None = None) -> OpenedFamily:
     """Open base + members (headers, configs, tokenizers) and run the family check.
     ``models``: where each recipe model's files are (:func:`fuse.hub.resolve_recipe`)."""
     base = open_base(recipe, models)
@@ -66,7 +66,7 @@ def prepare(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = Non
         echo(report.table(allow_foreign))
     if raise_bad:
         report.raise_if_bad(recipe.label, allow_foreign)
-    return Prepared(recipe, base, members, report)
+    return OpenedFamily(recipe, base, members, report)
 
 
 def _not_finite(recipe: Recipe, job: TensorJob, rows: tuple[int, int], inputs: Sequence[tuple[str, torch.Tensor]],
@@ -178,7 +178,7 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, options: MergeOptio
         fetch = dict(offline=options.offline, cache_dir=options.cache_dir, progress=options.progress, echo=echo)
         models = models or resolve_recipe(recipe, weights=False, **fetch)
         if not options.dry_run and not all(m.complete for m in models.values()):
-            prepare(recipe, options.allow_foreign, models=models)  # configs + headers: refuse before downloading
+            open_family(recipe, options.allow_foreign, models=models)  # configs + headers: refuse before downloading
             todo = sum(m.download_bytes for m in models.values())
             echo(f"family check on configs and headers passed; fetching {todo / 1e9:.2f} GB of weights")
             models = resolve_recipe(recipe, weights=True, **fetch)
@@ -193,7 +193,7 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, options: MergeOptio
 
 def _run_merge(recipe: Recipe, out: Path, options: MergeOptions, echo: Echo, sums: BackgroundChecksums | None,
                t0: float, models: Models) -> MergeResult:
-    prep = prepare(recipe, options.allow_foreign, echo=echo, models=models)
+    prep = open_family(recipe, options.allow_foreign, echo=echo, models=models)
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
     refuse_overlap(out, inputs)  # even with --force, and in a dry run
@@ -239,10 +239,10 @@ def check_recipe(recipe: Recipe, options: MergeOptions | None = None, *, echo: E
     options = replace(options or MergeOptions(), **overrides)
     validate_recipe(recipe)
     models = resolve_recipe(recipe, weights=False, offline=options.offline, cache_dir=options.cache_dir, echo=echo)
-    prep = prepare(recipe, options.allow_foreign, echo=echo, raise_bad=False, models=models)
+    prep = open_family(recipe, options.allow_foreign, echo=echo, raise_bad=False, models=models)
     prep.report.raise_if_bad(recipe.label, options.allow_foreign)
     return prep.report
 
 
-__all__ = ["MergeResult", "Prepared", "check_recipe", "merge_llm", "prepare", "run_merge",
+__all__ = ["MergeResult", "OpenedFamily", "check_recipe", "merge_llm", "open_family", "run_merge",
            "save_vision_branches"]

@@ -1,9 +1,9 @@
 """Capturing attention from chosen text positions to each member's visual tokens.
 
 Used by :meth:`fuse.model.FusedModel.capture_attention` (and through it by
-``analysis attention``): :func:`capture` runs the prepared samples one at a time. Attention probabilities only exist with the ``eager``
-attention implementation, so the LLM is switched to eager for the capture
-forward pass and switched back afterwards. Forward hooks sit only on the
+``analysis attention``): :func:`capture` runs the prepared samples one at a time.
+Attention probabilities only exist with the ``eager`` attention implementation, so
+the LLM is switched to eager for the capture forward pass and switched back afterwards. Forward hooks sit only on the
 requested layers' ``self_attn`` modules; each hook slices the weights it needs
 (query rows x member key spans) at once, so the full ``[B, H, L, L]`` matrices
 of other layers are never kept.
@@ -27,7 +27,7 @@ class SampleAttention:
     Coordinates are positions in this sample's unpadded sequence.
 
     - ``query_positions``: the Q query positions whose attention was kept;
-    - ``spans``: piece name -> (start, end): ``text_before``, each member name, ``sep:<member>``, ``text_after``
+    - ``spans``: segment name -> (start, end): ``text_before``, each member name, ``sep:<member>``, ``text_after``
       and, with ``query="answer"``, ``answer``;
     - ``grids``: member -> its kept tokens' grid segments ``[(name, h, w), ...]`` (None when not a grid,
       e.g. after ``topk``); ``kept``: member -> indices of the kept tokens among the member's original
@@ -69,7 +69,7 @@ class AttentionCapture:
     samples: list[SampleAttention]
 
 
-def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+def llm_layer_indices(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
     """None -> all layers; negative indices count from the end; errors name the valid range."""
     if layers is None:
         return list(range(n_layers))

@@ -13,7 +13,8 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from ..fused_layout import ARCHITECTURE, FORMAT_VERSION, FUSE_CONFIG, MODEL_TYPE  # noqa: F401  (FUSE_CONFIG: re-exported)
+from ..fused_layout import FUSE_CONFIG  # noqa: F401  (re-exported: its former home)
+from ..fused_layout import ARCHITECTURE, FORMAT_VERSION, MODEL_TYPE
 
 CONFIG_FIELDS = ("format_version", "base_model", "members", "merge", "text", "inference", "sources")
 

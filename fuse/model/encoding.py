@@ -43,9 +43,10 @@ def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -
     return out
 
 
-def encode_images(branches: Mapping[str, VisionBranch], images: Sequence[Image.Image], budgets: Mapping[str, BudgetSpec],
-                  text_embeds: Sequence[torch.Tensor | None], question_embeds: Sequence[torch.Tensor | None],
-                  dtype: torch.dtype, device: torch.device) -> EncodedImages:
+def encode_images(branches: Mapping[str, VisionBranch], images: Sequence[Image.Image],
+                  budgets: Mapping[str, BudgetSpec], text_embeds: Sequence[torch.Tensor | None],
+                  question_embeds: Sequence[torch.Tensor | None], dtype: torch.dtype,
+                  device: torch.device) -> EncodedImages:
     """Run every branch over ``images`` (one batch per branch) and apply each member's budget.
 
     ``text_embeds[i]``: ``[T, D]`` prompt embeddings for branches with ``needs_text``; ``question_embeds[i]``:

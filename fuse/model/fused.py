@@ -42,7 +42,7 @@ from ..images import load_image
 from ..members import TextSide, VisionBranch
 from ..names import NAME_RX, unique_names
 from .assembly import Assembled, assemble_inputs
-from .attention import AttentionCapture, capture, decoder_layers, resolve_layers
+from .attention import AttentionCapture, capture, decoder_layers, llm_layer_indices
 from .budget import BudgetResult
 from .config import FusedConfig
 from .encoding import encode_images
@@ -57,7 +57,7 @@ class FusedInputs:
     """A prepared, left-padded batch plus what was done to build it.
 
     ``inputs_embeds [B, L, D]``, ``attention_mask [B, L]``, ``position_ids [B, L]``;
-    ``spans[b]``: piece name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
+    ``spans[b]``: segment name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
     visual-token count after the budget (``raw_tokens``: before); ``grids``/``kept``: per sample,
     member -> layout of the kept tokens / kept indices (see :class:`~fuse.model.budget.BudgetResult`);
     ``timings``: seconds, ``vision`` per member and ``assembly``.
@@ -417,7 +417,7 @@ class FusedModel(PreTrainedModel):
         run one at a time, unpadded, after the vision branches ran batched.
         """
         inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
-        layer_ids = resolve_layers(layers, len(decoder_layers(self.llm)))
+        layer_ids = llm_layer_indices(layers, len(decoder_layers(self.llm)))
         answers: list[list[int]] = [[] for _ in inputs.assembled.lengths]
         if query == "answer":
             out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,

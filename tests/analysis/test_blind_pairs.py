@@ -79,7 +79,7 @@ class StubEmbedder(Extractor):
     def key(self) -> str:
         return f"stub-{self.label}"
 
-    def prepare(self, image):
+    def to_input(self, image):
         return torch.tensor(image.getpixel((0, 0))[0])
 
     def run(self, batch, device):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.features import (BranchTokens, EncoderFeatures, ExtractStats, extract, iter_features, merge_prepared,
+from analysis.features import (BranchTokens, EncoderFeatures, ExtractStats, extract, iter_features, merge_inputs,
                                select_images)
 from fuse.errors import DataError
 from fuse.images import list_images, load_image
@@ -97,10 +97,10 @@ def test_all_unreadable_yields_nothing(tmp_path):
     assert st.done == 0 and len(st.skipped) == 3
 
 
-def test_merge_prepared():
+def test_merge_inputs():
     a = {"pixel_values": torch.zeros(1, 3, 2, 2), "sizes": [(2, 2)], "mode": "pad"}
     b = {"pixel_values": torch.ones(1, 3, 2, 2), "sizes": [(4, 4)], "mode": "pad"}
-    m = merge_prepared([a, b])
+    m = merge_inputs([a, b])
     assert m["pixel_values"].shape == (2, 3, 2, 2) and m["sizes"] == [(2, 2), (4, 4)] and m["mode"] == "pad"
     with pytest.raises(TypeError):
-        merge_prepared([a, {**b, "mode": "crop"}])
+        merge_inputs([a, {**b, "mode": "crop"}])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fuse.errors import FormatError
-from fuse.fusions.modules import FUSIONS, FusionSpec, build_fusion, resolve_layers
+from fuse.fusions.modules import FUSIONS, FusionSpec, build_fusion, hidden_state_indices
 
 B, N, DC, DD, LLM = 2, 4, 6, 5, 7
 
@@ -159,13 +159,13 @@ def test_every_fusion_runs_and_trains(kind):
 
 
 def test_layer_selectors():
-    assert resolve_layers("last:6", 24) == list(range(19, 25))  # COMM's DINOv2 layers 19-24
-    assert resolve_layers("last:6", 3) == [1, 2, 3]  # tiny DINOv2: last min(6, L)
-    assert resolve_layers("all", 24) == list(range(1, 25))
-    assert resolve_layers("half", 24) == list(range(13, 25))
-    assert resolve_layers(-2, 24) == [23] and resolve_layers([-1, 3], 4) == [4, 3]
-    assert resolve_layers("19-24", 24) == list(range(19, 25))
+    assert hidden_state_indices("last:6", 24) == list(range(19, 25))  # COMM's DINOv2 layers 19-24
+    assert hidden_state_indices("last:6", 3) == [1, 2, 3]  # tiny DINOv2: last min(6, L)
+    assert hidden_state_indices("all", 24) == list(range(1, 25))
+    assert hidden_state_indices("half", 24) == list(range(13, 25))
+    assert hidden_state_indices(-2, 24) == [23] and hidden_state_indices([-1, 3], 4) == [4, 3]
+    assert hidden_state_indices("19-24", 24) == list(range(19, 25))
     with pytest.raises(FormatError, match="out of range"):
-        resolve_layers(30, 24)
+        hidden_state_indices(30, 24)
     with pytest.raises(FormatError, match="selector"):
-        resolve_layers("middle", 24)
+        hidden_state_indices("middle", 24)

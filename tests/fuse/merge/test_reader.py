@@ -248,12 +248,12 @@ def two_members(tmp_path_factory, tiny_base):
 def _merge(tmp_path: Path, base: Path, members: list[Path], workers: int, out: str, method: str = "task_arithmetic"):
     from fuse.merge.options import MergeOptions
     from fuse.merge.plan import build_plan
-    from fuse.merge.run import merge_llm, prepare
+    from fuse.merge.run import merge_llm, open_family
     from fuse.recipe import parse_recipe
 
     recipe = parse_recipe({"base_model": str(base), "merge": {"method": method, "dtype": "float32"},
                            "members": [{"model": str(m), "weight": w} for m, w in zip(members, (0.7, 0.45))]})
-    prep = prepare(recipe)
+    prep = open_family(recipe)
     plan = build_plan(recipe, prep.base, prep.members, prep.report.tensor_names, chunk_bytes=512)
     merge_llm(recipe, plan, prep.base, prep.members, tmp_path / out,
               options=MergeOptions(progress=False, workers=workers))
