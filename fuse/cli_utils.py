@@ -54,9 +54,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def startup_imports():
     """Import heavy libraries with the cyclic GC off, then freeze what they allocated.
 
-    Why: once torch is imported, every full collection walks its millions of objects (0.1-0.2 s
-    each; three of them ran during the imports of a ``fuse merge``). ``gc.freeze`` moves the
-    start-up objects out of later collections too, so the merge loop's collections stay small.
+    Why: once torch is imported, every full collection walks its millions of objects, and several
+    such collections ran during the imports of a ``fuse merge``. ``gc.freeze`` moves the start-up
+    objects out of later collections too, so the merge loop's collections stay small.
     """
     gc.disable()
     try:

@@ -6,16 +6,19 @@ LLM input space::
     feats = {"clip": [B, Lc, N, Dc], "dinov2": [B, Ld, N, Dd]}   # Encoder.features, layers of the spec
     tokens = fusion(feats)                                          # [B, N_out, D_llm]
 
-One registry (:data:`FUSIONS`, name -> class) holds COMM (SPEC.md section 3),
-the LLaVA-1.5 baseline, the COMM paper's analysis variants and the MMVP /
-Prismatic mixtures (SPEC.md sections 4 and 6). The modules live in ``fuse`` (not
-``train``) because a trained model is a :class:`~fuse.members.Member` and its
-vision branch must run the very same code at inference; ``train.fusion`` builds
-them from a training config.
+One registry (:data:`FUSIONS`, name -> class) holds COMM (Jiang et al., "From CLIP to
+DINO: Visual Encoders Shout in Multi-modal Large Language Models", Sec. 4, Eq. 1), the
+LLaVA-1.5 baseline, the COMM paper's analysis variants (its Sec. 3), the Mixture-of-Features
+of MMVP (Tong et al., "Eyes Wide Shut? Exploring the Visual Shortcomings of Multimodal
+LLMs", Sec. 4) and the channel concatenation of Prismatic VLMs (Karamcheti et al.) and Eagle.
+The modules live in ``fuse`` (not ``train``) because a trained model is a
+:class:`~fuse.members.Member` and its vision branch must run the very same code at
+inference; ``train.fusion`` builds them from a training config.
 
 Equations (``LLN`` = LayerNorm then Linear, one per layer; ``w = softmax(logits)``
 so the layerscale weights are positive and sum to 1; logits start at 0, i.e. a
-uniform init, which SPEC.md marks as unverified):
+uniform init: the COMM paper calls alpha and beta of Eq. 1 learnable scale parameters
+and does not say how they start):
 
 - ``comm``: ``v1 = sum_i a_i LLN_i(clip_i)``, ``v2 = sum_j b_j LLN_j(dino_j)``,
   ``v = [v1, MLP(v2)]`` (channels; ``concat: token`` stacks the two sequences),
@@ -306,7 +309,7 @@ class CommFusion(Fusion):
         self.proj = make_projector(spec.projector, d_cat, spec.llm_hidden)
 
     def branches(self, feats: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(v1 [B, N, w1], v2 [B, N, w2])`` of SPEC.md's equation (before the MLP)."""
+        """``(v1 [B, N, w1], v2 [B, N, w2])`` of the COMM paper's Eq. 1 (before the MLP)."""
         v1 = self.clip_scale(self.clip_lln(self._feats(feats, "clip")))
         v2 = self.dino_scale(self.dino_lln(self._feats(feats, "dinov2")))
         return v1, v2

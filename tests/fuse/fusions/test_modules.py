@@ -1,4 +1,5 @@
-"""Fusion modules against SPEC.md's equations, computed by hand with torch.nn.functional."""
+"""Fusion modules against the papers' equations (COMM Sec. 3-4, Eq. 1; MMVP's Mixture-of-Features, Sec. 4),
+computed by hand with torch.nn.functional."""
 
 from __future__ import annotations
 
