@@ -50,7 +50,6 @@ def load_clip_tower(reader: LazyCheckpoint, config: dict, tower_keys: list[str],
 class LlavaAdapter(FormatAdapter):
     name = "llava"
     branch_kind = "llava"
-    vision_files = ()
 
     @classmethod
     def copyable_vision(cls, member: Member) -> bool:

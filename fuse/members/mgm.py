@@ -199,7 +199,6 @@ def _aux_size_ok(image_size_aux: int, stem_patch: int, grid: int, image_grid: in
 class MGMAdapter(FormatAdapter):
     name = "mgm"
     branch_kind = "mgm"
-    vision_files = ()
 
     @classmethod
     def copyable_vision(cls, member: Member) -> bool:

@@ -75,13 +75,17 @@ def llm_layer_indices(layers: int | Sequence[int] | None, n_layers: int) -> list
         return list(range(n_layers))
     if isinstance(layers, int):
         layers = [layers]
-    out = []
-    for l in layers:
-        i = int(l) + n_layers if int(l) < 0 else int(l)
-        if not 0 <= i < n_layers:
-            raise FuseError(f"layers: {l} is out of range for an LLM with {n_layers} layers")
-        out.append(i)
-    return sorted(set(out))
+    return sorted({index_from_end(l, n_layers, f"layers: {l} is out of range for an LLM with {n_layers} layers")
+                   for l in layers})
+
+
+def index_from_end(i: int, n: int, error: str) -> int:
+    """``i`` in ``[-n, n)`` as an index in ``[0, n)`` (negatives count from the end); FuseError(``error``)
+    otherwise."""
+    j = int(i) + n if int(i) < 0 else int(i)
+    if not 0 <= j < n:
+        raise FuseError(error)
+    return j
 
 
 def decoder_layers(llm) -> Sequence[torch.nn.Module]:
@@ -148,13 +152,7 @@ def query_positions(query: Any, n: int, spans: dict[str, tuple[int, int]], n_ans
         return list(range(s, e))
     if isinstance(query, str):
         raise FuseError(f"query {query!r}: expected 'last', 'answer', 'text_after' or a list of positions")
-    out = []
-    for p in query:
-        i = int(p) + n if int(p) < 0 else int(p)
-        if not 0 <= i < n:
-            raise FuseError(f"query position {p} is outside the prompt of {n} tokens")
-        out.append(i)
-    return out
+    return [index_from_end(p, n, f"query position {p} is outside the prompt of {n} tokens") for p in query]
 
 
 def capture(model: Any, inputs: Any, layers: list[int], query: Any, answers: list[list[int]]) -> AttentionCapture:

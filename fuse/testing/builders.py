@@ -6,6 +6,7 @@
   whose LLM is the base plus a small seeded delta (a "fine-tune").
 - :func:`llava_hf_to_original` / :func:`build_llava_member`: the same weights in the original
   LLaVA-1.5 layout (``model.mm_projector.{0,2}``, ``model.vision_tower.vision_tower.vision_model.*``).
+- :func:`rewrite_weights`: a copy of a checkpoint with edited tensors (NaN, other dtypes, extra rows).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +45,23 @@ def _save(directory: Path, state: dict[str, torch.Tensor], config: dict, max_sha
     if eos is not None:
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     return directory
+
+
+def rewrite_weights(src: str | os.PathLike, dst: str | os.PathLike,
+                    edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Copy checkpoint directory ``src`` to ``dst`` and rewrite its safetensors with ``edit(state_dict)``
+    applied (the dict is edited in place; its tensors are the checkpoint's, read in full)."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    sd = LazyCheckpoint(dst).state_dict()
+    edit(sd)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    w = ShardedWriter(dst)
+    for k, v in sd.items():
+        w.add(k, v)
+    w.close()
+    return dst
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:

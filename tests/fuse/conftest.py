@@ -1,9 +1,10 @@
-"""Helpers shared by the ``fuse`` tests: the CLI in-process, recipe files, rewritten checkpoints, and a
-two-member tiny LLaVA family (built once per session)."""
+"""Helpers shared by the ``fuse`` tests: the CLI in-process, recipe files and their errors, and a
+two-member tiny LLaVA family (built once per session). Checkpoint builders (and ``rewrite_weights``)
+are in :mod:`fuse.testing`, shared with the benchmarks."""
 
 from __future__ import annotations
 
-import shutil
+import textwrap
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,21 +63,22 @@ def write_recipe(llava_pair) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def rewrite_weights() -> Callable[[Path, Path, Callable[[dict], None]], Path]:
-    """``rewrite_weights(src, dst, edit)``: copy checkpoint directory ``src`` to ``dst`` and rewrite its
-    safetensors with ``edit(state_dict)`` applied (the dict is edited in place)."""
-    from fuse.checkpoint import LazyCheckpoint, ShardedWriter
+def recipe_error() -> Callable[..., str | None]:
+    """``recipe_error(directory, text, check)``: write ``text`` (YAML, dedented) as ``directory/recipe.yaml``,
+    run ``check(path)`` and return the RecipeError it raises, which must be one line starting with the file
+    name, without that prefix; None when ``check`` passes."""
+    from fuse.errors import RecipeError
 
-    def rewrite(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
-        shutil.copytree(src, dst)
-        sd = LazyCheckpoint(dst).state_dict()
-        edit(sd)
-        for f in dst.glob("*.safetensors*"):
-            f.unlink()
-        w = ShardedWriter(dst)
-        for k, v in sd.items():
-            w.add(k, v)
-        w.close()
-        return dst
+    def run(directory: Path, text: str, check: Callable[[Path], Any]) -> str | None:
+        p = Path(directory) / "recipe.yaml"
+        p.write_text(textwrap.dedent(text))
+        try:
+            check(p)
+        except RecipeError as e:
+            msg = str(e)
+            assert "\n" not in msg and msg.startswith(f"{p}: "), msg
+            return msg[len(f"{p}: "):]
+        return None
 
-    return rewrite
+    return run
+

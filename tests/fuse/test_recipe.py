@@ -19,15 +19,6 @@ def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
     return p
 
 
-def error_of(tmp_path: Path, text: str) -> str:
-    p = write(tmp_path, text)
-    with pytest.raises(RecipeError) as e:
-        load_recipe(p)
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{p}: ")
-    return msg[len(f"{p}: "):]
-
-
 def test_defaults_and_names(tmp_path):
     (tmp_path / "m").mkdir()
     r = load_recipe(write(tmp_path, """
@@ -83,15 +74,10 @@ def test_relative_paths_resolve_against_recipe_dir(tmp_path, monkeypatch):
     ("members: [{model: a, name: 'a/b'}]", "members[0].name: "),
     ("surprise: 1", "surprise: unknown field"),
 ])
-def test_field_errors(tmp_path, body, expected):
-    head = "base_model: base\n"
-    if not body.startswith("members"):
-        head += "members: [{model: a}, {model: b}]\n"
-    text = head + body + "\n"
-    if expected is None:
-        load_recipe(write(tmp_path, text))
-        return
-    assert error_of(tmp_path, text).startswith(expected)
+def test_field_errors(tmp_path, body, expected, recipe_error):
+    head = "base_model: base\n" + ("" if body.startswith("members") else "members: [{model: a}, {model: b}]\n")
+    msg = recipe_error(tmp_path, head + body + "\n", load_recipe)
+    assert msg is None if expected is None else msg.startswith(expected), msg
 
 
 def test_reading_a_recipe_imports_no_torch(tmp_path):

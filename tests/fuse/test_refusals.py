@@ -15,6 +15,7 @@ import torch
 
 from fuse.checkpoint import LazyCheckpoint
 from fuse.errors import CheckpointError, DataError, FuseError, NumericsError
+from fuse.testing import rewrite_weights
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def png_bomb(path: Path, side: int = 15000) -> Path:
 
 # ------------------------------------------------------------------------------ case 6: NaN/Inf
 @pytest.mark.parametrize("member, layout", [("b", "checkpoint"), ("notower", "module")])
-def test_nan_in_a_members_vision_weights_stops_the_merge(tmp_path, fam, member, layout, one_error, run_fuse, write_recipe, rewrite_weights):
+def test_nan_in_a_members_vision_weights_stops_the_merge(tmp_path, fam, member, layout, one_error, run_fuse, write_recipe):
     bad = rewrite_weights(fam[member], tmp_path / "nanny", nan_in("mm_projector.0.weight"))
     msg = one_error(run_fuse("merge", write_recipe(tmp_path, members=("a", str(bad))), "-q", "--no-checksums"))
     assert "members[1] (nanny): vision tensor" in msg and "projector.0.weight contains NaN/Inf" in msg
@@ -141,7 +142,7 @@ def test_inference_section_is_checked_before_merging(tmp_path, fam, one_error, r
     assert "inference: unknown key(s) ['budget']" in one_error(run_fuse("check", rec))
 
 
-def test_yaml_alias_bomb_is_refused_at_load(tmp_path, fam, one_error, run_fuse, write_recipe, rewrite_weights):
+def test_yaml_alias_bomb_is_refused_at_load(tmp_path, fam, one_error, run_fuse, write_recipe):
     text = write_recipe(tmp_path).read_text()
     bomb = "inference:\n  x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
     for i in range(1, 9):
@@ -152,7 +153,7 @@ def test_yaml_alias_bomb_is_refused_at_load(tmp_path, fam, one_error, run_fuse, 
 
 
 # ------------------------------------------------------------------------------ case 10: mixed dtypes
-def test_members_with_different_dtypes_are_reported(tmp_path, fam, run_fuse, write_recipe, rewrite_weights):
+def test_members_with_different_dtypes_are_reported(tmp_path, fam, run_fuse, write_recipe):
     half = rewrite_weights(fam["b"], tmp_path / "b16",
                            lambda sd: sd.update({k: v.to(torch.bfloat16) for k, v in sd.items()}))
     res = run_fuse("merge", write_recipe(tmp_path, members=("a", str(half))), "-q", "--no-checksums")

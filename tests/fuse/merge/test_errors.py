@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fuse.testing import rewrite_weights
+
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory, tiny_base, llava_pair):
@@ -81,7 +83,7 @@ def test_truncated_shard(tmp_path, fam, run_fuse, write_recipe):
     fails(tmp_path, run_fuse("merge", p), contains=[str(p), "members[1].model", "truncated safetensors file"])
 
 
-def test_nan_produced_in_merged_tensor(tmp_path, fam, run_fuse, write_recipe, rewrite_weights):
+def test_nan_produced_in_merged_tensor(tmp_path, fam, run_fuse, write_recipe):
     def huge(sd):
         sd["model.layers.1.mlp.up_proj.weight"] = torch.full_like(sd["model.layers.1.mlp.up_proj.weight"], 3e38)
 
@@ -92,7 +94,7 @@ def test_nan_produced_in_merged_tensor(tmp_path, fam, run_fuse, write_recipe, re
                                                     "NaN/Inf", "overflow", "nothing was written"])
 
 
-def test_nan_in_an_input_is_named(tmp_path, fam, run_fuse, write_recipe, rewrite_weights):
+def test_nan_in_an_input_is_named(tmp_path, fam, run_fuse, write_recipe):
     def nan(sd):
         sd["model.norm.weight"][3] = float("nan")
 

@@ -19,8 +19,9 @@ import yaml
 from fuse.checkpoint import LazyCheckpoint
 from fuse.merge.options import MergeOptions
 from fuse.merge.run import run_merge
-from fuse.recipe import load_recipe
 from fuse.output_dir import MARKER
+from fuse.recipe import load_recipe
+from fuse.testing import rewrite_weights
 
 WEIGHTS = [0.5, 0.3, 0.4]
 DENSITIES = [0.5, 0.7, 0.6]
@@ -222,7 +223,7 @@ def test_layout_model_card(layout):
     assert "| 2 | orig | llava |" in card and "mergekit `task_arithmetic`" in card
 
 
-def _with_pad_row(src: Path, dst: Path, rewrite_weights, seed: int = 5) -> tuple[Path, torch.Tensor, torch.Tensor]:
+def _with_pad_row(src: Path, dst: Path, seed: int = 5) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A copy of an original-layout LLaVA member with one appended vocab row (like SliME's pad 128256)."""
     from transformers import AutoTokenizer
 
@@ -245,11 +246,11 @@ def _with_pad_row(src: Path, dst: Path, rewrite_weights, seed: int = 5) -> tuple
     return dst, rows["model.embed_tokens.weight"][0], rows["lm_head.weight"][0]
 
 
-def test_appended_vocab_rows_are_carried(family, tmp_path, run_fuse, write_recipe, rewrite_weights):
+def test_appended_vocab_rows_are_carried(family, tmp_path, run_fuse, write_recipe):
     from transformers import AutoModelForCausalLM
 
     a, b = family["members"][:2]
-    b_pad, emb_row, head_row = _with_pad_row(b, tmp_path / "b_pad", rewrite_weights)
+    b_pad, emb_row, head_row = _with_pad_row(b, tmp_path / "b_pad")
     plain = write_recipe(tmp_path / "plain.yaml", [a, b])
     padded = write_recipe(tmp_path / "pad.yaml", [a, b_pad], text={"member": "b_pad"})
     check = run_fuse("check", padded)

@@ -18,6 +18,7 @@ from fuse.merge.pipeline import InputLoader, Piece, merge_pieces, plan_pieces
 from fuse.merge.plan import TensorJob
 from fuse.merge.reader import RowReader, RowSource, Scratch
 from fuse.merge.writer import StreamingShardWriter
+from fuse.testing import rewrite_weights
 
 
 def _stored(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
@@ -271,21 +272,12 @@ def test_merge_llm_with_several_workers_is_bit_identical(tmp_path, tiny_base, tw
 
 
 def test_nan_with_several_workers_names_the_first_bad_rows(tmp_path, tiny_base, two_members):
-    import shutil
-
     from fuse.merge.methods import MergeError
 
-    bad = tmp_path / "bad"
-    shutil.copytree(two_members[1], bad)
-    sd = LazyCheckpoint(bad).state_dict()
-    key = next(k for k in sd if k.endswith("layers.1.mlp.up_proj.weight"))
-    sd[key][5:, :] = float("nan")  # every chunk from row 5 on is bad; the first one must be reported
-    for f in bad.glob("*.safetensors*"):
-        f.unlink()
-    w = ShardedWriter(bad)
-    for k, v in sd.items():
-        w.add(k, v)
-    w.close()
+    def nan_rows(sd):  # every chunk from row 5 on is bad; the first one must be reported
+        sd[next(k for k in sd if k.endswith("layers.1.mlp.up_proj.weight"))][5:, :] = float("nan")
+
+    bad = rewrite_weights(two_members[1], tmp_path / "bad", nan_rows)
     for workers in (1, 2):
         # 512-byte chunks of 64 float32 columns: 2 rows per piece, so row 5 is in piece 4:6
         with pytest.raises(MergeError, match=r"up_proj.weight \(rows 4:6\) contains NaN/Inf; input bad already"):

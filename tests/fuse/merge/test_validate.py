@@ -3,26 +3,18 @@ from mergekit's own specs; one line naming the file and field."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from fuse.errors import RecipeError
 from fuse.members import FORMATS
 from fuse.merge.methods import MERGE_METHODS, MergeParameterError, method_info
 from fuse.merge.validate import validate_recipe
 from fuse.recipe import load_recipe, parse_recipe
 
 
-def error_of(tmp_path: Path, text: str) -> str:
-    p = tmp_path / "recipe.yaml"
-    p.write_text(textwrap.dedent(text))
-    with pytest.raises(RecipeError) as e:
-        validate_recipe(load_recipe(p))
-    msg = str(e.value)
-    assert "\n" not in msg and msg.startswith(f"{p}: ")
-    return msg[len(f"{p}: "):]
+def load_and_validate(path: Path):
+    return validate_recipe(load_recipe(path))
 
 
 @pytest.mark.parametrize("body, expected", [
@@ -34,28 +26,22 @@ def error_of(tmp_path: Path, text: str) -> str:
     ("merge: {parameters: {lambda: lots}}", "merge.parameters.lambda: expected a float"),
     ("inference: {token_budget: squash}", "inference.token_budget: unknown token budget 'squash'"),
 ])
-def test_field_errors(tmp_path, body, expected):
-    head = "base_model: base\n"
-    if not body.startswith("members"):
-        head += "members: [{model: a}, {model: b}]\n"
-    text = head + body + "\n"
-    if expected is None:
-        (tmp_path / "recipe.yaml").write_text(text)
-        validate_recipe(load_recipe(tmp_path / "recipe.yaml"))
-        return
-    assert error_of(tmp_path, text).startswith(expected)
+def test_field_errors(tmp_path, body, expected, recipe_error):
+    head = "base_model: base\n" + ("" if body.startswith("members") else "members: [{model: a}, {model: b}]\n")
+    msg = recipe_error(tmp_path, head + body + "\n", load_and_validate)
+    assert msg is None if expected is None else msg.startswith(expected), msg
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "dare_linear"])
-def test_base_required_except_linear(tmp_path, method):
-    msg = error_of(tmp_path, f"members: [{{model: a}}]\nmerge: {{method: {method}}}\n")
+def test_base_required_except_linear(tmp_path, method, recipe_error):
+    msg = recipe_error(tmp_path, f"members: [{{model: a}}]\nmerge: {{method: {method}}}\n", load_and_validate)
     assert msg.startswith(f"base_model: required for merge.method '{method}'")
     r = validate_recipe(parse_recipe({"members": [{"model": "a"}], "merge": {"method": "linear"}}))
     assert r.base_model is None
 
 
-def test_density_only_for_methods_that_use_it(tmp_path):
-    msg = error_of(tmp_path, "members: [{model: a, density: 0.5}]\nmerge: {method: linear}\n")
+def test_density_only_for_methods_that_use_it(tmp_path, recipe_error):
+    msg = recipe_error(tmp_path, "members: [{model: a, density: 0.5}]\nmerge: {method: linear}\n", load_and_validate)
     assert msg.startswith("members[0].density: not used by merge.method 'linear'")
 
 
