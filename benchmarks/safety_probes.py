@@ -835,14 +835,22 @@ def _(ctx):
 
 # -- faults: NaN/Inf ----------------------------------------------------------------------------------
 def _nan_member(ctx: Ctx, key_part: str) -> Path:
-    from fuse.testing import rewrite_weights
+    from fuse.checkpoint import LazyCheckpoint, ShardedWriter
 
-    def nan(sd):
-        key = next(k for k in sd if key_part in k)
-        sd[key] = sd[key].clone()
-        sd[key].view(-1)[0] = float("nan")
-
-    return rewrite_weights(ctx.root / "fam" / "b", ctx.scratch / "nanmember", nan)
+    src = ctx.root / "fam" / "b"
+    dst = ctx.scratch / "nanmember"
+    shutil.copytree(src, dst)
+    sd = LazyCheckpoint(dst).state_dict()
+    key = next(k for k in sd if key_part in k)
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    w = ShardedWriter(dst)
+    for k, v in sd.items():
+        w.add(k, v)
+    w.close()
+    return dst
 
 
 def _recipe_with(ctx: Ctx, members: list, **over) -> Path:

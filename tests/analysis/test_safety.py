@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from analysis.cli import main
-
-
-def _png_bomb(path: Path, side: int = 15000) -> Path:
-    """A PNG whose header declares side x side pixels (225 Mpx): PIL refuses to decode it."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
+from fuse.testing import png_bomb
 
 
 def _align(recipe: Path, images: Path, out: Path, *extra: str):
@@ -33,7 +23,7 @@ def test_a_225_megapixel_png_is_skipped_and_counted(family, square_images, tmp_p
     imgs.mkdir()
     for f in sorted(square_images.iterdir())[:2]:
         shutil.copy(f, imgs / f.name)
-    _png_bomb(imgs / "huge.png")
+    png_bomb(imgs / "huge.png")
     r = _align(recipe, imgs, tmp_path / "rep")
     assert r.exit_code == 0, r.output
     assert "1 unreadable image(s) skipped" in r.output

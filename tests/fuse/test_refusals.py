@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 
 from fuse.checkpoint import LazyCheckpoint
 from fuse.errors import CheckpointError, DataError, FuseError, NumericsError
-from fuse.testing import rewrite_weights
+from fuse.testing import png_bomb, rewrite_weights
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +34,6 @@ def nan_in(key_part: str):
         sd[k] = sd[k].clone()
         sd[k].view(-1)[0] = float("nan")
     return edit
-
-
-def png_bomb(path: Path, side: int = 15000) -> Path:
-    """A PNG whose header declares side x side pixels (225 Mpx for 15000): PIL refuses it at open."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
 
 
 # ------------------------------------------------------------------------------ case 6: NaN/Inf
