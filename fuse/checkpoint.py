@@ -62,11 +62,6 @@ class TensorInfo:
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
 
 
-def _read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; raise CheckpointError naming the file if bad."""
-    return _read_header_and_start(path)[0]
-
-
 def _read_header_and_start(path: Path) -> tuple[dict, int]:
     """(validated header, file offset where the tensor data starts = 8 + header length)."""
     try:
