@@ -56,7 +56,7 @@ class MergeResult:
 
 
 def open_family(recipe: Recipe, allow_foreign: bool = False, echo: Echo | None = None, raise_bad: bool = True,
-            models: Models | None = None) -> OpenedFamily:
+                models: Models | None = None) -> OpenedFamily:
     """Open base + members (headers, configs, tokenizers) and run the family check.
     ``models``: where each recipe model's files are (:func:`fuse.hub.resolve_recipe`)."""
     base = open_base(recipe, models)
