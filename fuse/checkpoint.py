@@ -33,7 +33,7 @@ from .output_dir import atomic_output_dir  # noqa: F401  (its former home: old i
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {  # header code -> torch dtype (None: not in this torch build)
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
@@ -60,11 +60,6 @@ class TensorInfo:
     def row_bytes(self) -> int:
         """Bytes of one row (first axis) of the stored tensor; 0 for a scalar or empty first axis."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
-
-
-def _read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; raise CheckpointError naming the file if bad."""
-    return _read_header_and_start(path)[0]
 
 
 def _read_header_and_start(path: Path) -> tuple[dict, int]:
@@ -128,7 +123,7 @@ class LazyCheckpoint:
         for key, v in header.items():
             if key == "__metadata__":
                 continue
-            dtype = _DTYPES.get(v["dtype"])
+            dtype = SAFETENSORS_DTYPES.get(v["dtype"])
             if dtype is None:
                 raise CheckpointError(f"{f}: tensor {key} has unsupported dtype {v['dtype']}")
             start, stop = v["data_offsets"]

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import click
 
-from .cli_utils import FriendlyGroup
+from .cli_utils import CONTEXT_SETTINGS, FriendlyGroup
+from .commands import eval as eval_commands
+from .commands import generate as generate_commands
+from .commands import merge as merge_commands
+from .commands import toyfamily as toyfamily_commands
 
 
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="visionfuse-toolkit")
 def main() -> None:
     """Fuse MLLMs of one family: merge their LLMs, keep every member's vision branch."""
@@ -65,20 +69,9 @@ def demo(out: str, force: bool) -> None:
         click.echo(f"  {name}: format={m.format} visual tokens {tuple(toks.shape)} vocab={m.llm.vocab_rows}")
 
 
-def _register_optional_commands() -> None:
-    """Commands implemented in their own modules register themselves here if present."""
-    import importlib
-
-    for mod in ("fuse.commands.merge", "fuse.commands.generate", "fuse.commands.eval",
-                "fuse.commands.toyfamily"):
-        try:
-            importlib.import_module(mod).register(main)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-_register_optional_commands()
+# the `toyworld` group is made by fuse.commands.eval and extended by fuse.commands.toyfamily: eval goes first
+for _commands in (merge_commands, generate_commands, eval_commands, toyfamily_commands):
+    _commands.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import sys
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import click
 
+from .devices import resolve_device  # noqa: F401  (re-exported: its former home)
+from .dtypes import parse_dtype  # noqa: F401  (re-exported: its former home)
 from .errors import FuseError
+
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"]}  # of every command group: -h works too
 
 
 class FriendlyGroup(click.Group):
@@ -48,9 +54,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def startup_imports():
     """Import heavy libraries with the cyclic GC off, then freeze what they allocated.
 
-    Why: once torch is imported, every full collection walks its millions of objects (0.1-0.2 s
-    each; three of them ran during the imports of a ``fuse merge``). ``gc.freeze`` moves the
-    start-up objects out of later collections too, so the merge loop's collections stay small.
+    Why: once torch is imported, every full collection walks its millions of objects, and several
+    such collections ran during the imports of a ``fuse merge``. ``gc.freeze`` moves the start-up
+    objects out of later collections too, so the merge loop's collections stay small.
     """
     gc.disable()
     try:
@@ -74,37 +80,39 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def parse_dtype(name):
-    """A model dtype from ``--dtype`` or the Python API: a name, a floating ``torch.dtype`` or None/"auto"."""
-    import torch
+def options_from_dataclass(cls: type, param: str = "options", only: Iterable[str] | None = None,
+                           help: dict[str, str] | None = None, **defaults: Any) -> Callable:
+    """Decorator: one click option per field of dataclass ``cls`` declared with :func:`fuse.flags.flag`, in
+    field order; the command receives them as one ``cls`` instance, keyword ``param``. ``only``: these
+    fields; ``help``: field -> help text for this command; ``defaults``: field -> default for this command
+    (the dataclass's own otherwise)."""
+    fields = [f for f in dataclasses.fields(cls) if "cli" in f.metadata and (only is None or f.name in only)]
+    names = [f.name for f in fields]
 
-    if isinstance(name, torch.dtype):
-        if name in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            return name
-        raise FuseError(f"dtype {name}: models run in a floating dtype (float32, float16 or bfloat16)")
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, None: None, "auto": None}
-    if not isinstance(name, (str, type(None))) or name not in table:
-        raise FuseError(f"dtype {name!r}: expected one of float32, float16, bfloat16")
-    return table[name]
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            kwargs[param] = cls(**{n: kwargs.pop(n) for n in names})
+            return fn(*args, **kwargs)
+
+        for f in reversed(fields):
+            command = _click_option(f, (help or {}).get(f.name), defaults.get(f.name, f.default))(command)
+        return command
+
+    return decorate
 
 
-def resolve_device(device):
-    """``None``/"auto" -> cuda if available else cpu; anything else must be a device this machine has."""
-    import torch
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError, TypeError):
-        raise FuseError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FuseError(f"--device {device}: CUDA is not available on this machine (torch "
-                        f"{torch.__version__}{', a CPU-only build' if torch.version.cuda is None else ''})")
-    if dev.type != "cpu":
-        try:
-            torch.empty(0, device=dev)
-        except Exception as e:  # no such backend / index, driver error: torch raises several types
-            raise FuseError(f"--device {device}: not usable on this machine ({str(e).splitlines()[0][:150]})") from None
-    return dev
+def _click_option(f: dataclasses.Field, help: str | None, default: Any) -> Callable:
+    spec = dict(f.metadata["cli"])
+    flags, text, off = spec.pop("flags"), help or spec["help"], spec.pop("off")
+    if f.type in (bool, "bool"):
+        return click.option(*flags, f.name, is_flag=True, flag_value=not off, default=default, help=text)
+    kw: dict[str, Any] = {"default": default, "help": text, "show_default": spec.get("show_default", False),
+                          "required": spec.get("required", False)}
+    if "min" in spec or "max" in spec:
+        kw["type"] = click.IntRange(min=spec.get("min"), max=spec.get("max"))
+    elif "choices" in spec:
+        kw["type"] = click.Choice(list(spec["choices"]))
+    elif "path" in spec:
+        kw["type"] = click.Path(file_okay=spec["path"] != "dir")
+    return click.option(*flags, f.name, **kw)

@@ -41,26 +41,11 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
+from .names import NAME_RX, derive_member_name, unique_names
 
-MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
-MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-NAME_RX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a member name is a directory name under OUT/members/
 MAX_YAML_NODES = 100_000  # a recipe has tens of values; YAML aliases can expand to billions
-
-
-def derive_member_name(source: str | os.PathLike) -> str:
-    """A member name from a path or hub id, valid as :data:`NAME_RX` requires: the basename of the
-    directory it points to (so ``x/..`` or ``.`` name a real directory, never ``..``), with other
-    characters replaced by ``_`` and leading dots dropped; ``member`` if nothing is left."""
-    p = Path(os.path.expanduser(str(source).rstrip("/\\") or str(source)))
-    name = p.name
-    if name in ("", ".", "..") or str(p).endswith(("/.", "/..")):
-        name = Path(os.path.realpath(p)).name  # what the path points to (a symlinked dir keeps its own name)
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip("._-")
-    return stem if NAME_RX.fullmatch(stem) else "member"
 
 
 def check_yaml_size(data: Any, label: str) -> None:
@@ -80,9 +65,7 @@ def check_yaml_size(data: Any, label: str) -> None:
             stack.extend(x)
 
 
-MethodName = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"]
-FormatName = Literal["auto", "llava-hf", "llava", "mgm", "slime", "comm"]
-DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+DtypeName = Literal[COMPUTE_DTYPES]
 
 
 class _Strict(BaseModel):
@@ -93,7 +76,7 @@ class MemberSpec(_Strict):
     """One member MLLM of the family."""
 
     model: str
-    format: FormatName = "auto"
+    format: str = "auto"  # a name of fuse.members.registry.FORMATS (checked by fuse.merge.validate)
     weight: Optional[float] = None
     density: Optional[float] = None
     name: Optional[str] = None
@@ -129,7 +112,7 @@ class MemberSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: MethodName = "task_arithmetic"
+    method: str = "task_arithmetic"  # a name of fuse.merge.methods.MERGE_METHODS (checked by fuse.merge.validate)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName = "float32"
     out_dtype: Optional[DtypeName] = None
@@ -176,24 +159,16 @@ class Recipe(_Strict):
     def label(self) -> str:
         return self.source or "recipe"
 
-    def error(self, field: str, message: str, cls: type[Exception] = RecipeError) -> Exception:
-        return cls(f"{self.label}: {field}: {message}")
+    def error(self, field: str, message: str) -> RecipeError:
+        """A RecipeError naming this recipe's file and ``field``."""
+        return RecipeError(f"{self.label}: {field}: {message}")
 
     def member_names(self) -> list[str]:
-        """Names in member order: ``name`` or the model's basename, de-duplicated with -2, -3 ..."""
-        names: list[str] = []
-        explicit = {m.name for m in self.members if m.name}
-        for m in self.members:
-            if m.name:
-                names.append(m.name)
-                continue
-            stem = derive_member_name(m.model)
-            cand, k = stem, 1
-            while cand in names or cand in explicit:
-                k += 1
-                cand = f"{stem}-{k}"
-            names.append(cand)
-        return names
+        """Names in member order: ``name``, or one derived from the model (its basename) that no other
+        member has (:func:`fuse.names.unique_names`)."""
+        explicit = [m.name for m in self.members if m.name]
+        derived = iter(unique_names([derive_member_name(m.model) for m in self.members if not m.name], explicit))
+        return [m.name or next(derived) for m in self.members]
 
     def weights(self) -> list[float]:
         n = len(self.members)
@@ -205,36 +180,19 @@ class Recipe(_Strict):
         return self.member_names().index(self.text.member)
 
     def check(self) -> "Recipe":
-        """Cross-field rules (names, base requirement, method parameters). Raises RecipeError."""
-        from .merge.methods import method_info
+        """Cross-field rules of the schema itself (member names, the text member). Raises RecipeError.
 
+        What the method, the formats and the inference options allow is checked where those live, by
+        :func:`fuse.merge.validate.validate_recipe` (``fuse check`` / ``fuse merge`` run it first)."""
         seen: set[str] = set()
         for i, m in enumerate(self.members):
             if m.name and m.name in seen:
                 raise self.error(f"members[{i}].name", f"{m.name!r} is used by two members")
             seen.add(m.name or "")
-        info = method_info(self.merge.method)
-        if info.needs_base and not self.base_model:
-            raise self.error("base_model", f"required for merge.method {self.merge.method!r} "
-                             "(only 'linear' merges without a base)")
-        for i, m in enumerate(self.members):
-            if m.density is not None and "density" not in info.member_parameters():
-                raise self.error(f"members[{i}].density", f"not used by merge.method {self.merge.method!r} "
-                                 f"(ties, dare_ties, dare_linear use it)")
-        try:
-            info.validate_parameters(self.merge.parameters)
-        except ValueError as e:
-            raise self.error(f"merge.parameters{e.args[0]}", e.args[1]) from None
         all_names = self.member_names()
         if self.text.member is not None and self.text.member not in all_names:
             raise self.error("text.member", f"{self.text.member!r} is not a member name "
                              f"(members: {', '.join(all_names)})")
-        from .model.options import InferenceOptions
-
-        try:  # checked now, not first at `fuse generate` after the whole merge
-            InferenceOptions.parse(self.inference, all_names)
-        except RecipeError as e:
-            raise RecipeError(f"{self.label}: {e}") from None
         return self
 
 
@@ -277,12 +235,9 @@ def _resolve(value: str, root: Path) -> str:
     return value if looks_like_hub_id else str(local)
 
 
-def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None,
-                 check: bool = True) -> Recipe:
-    """Validate a recipe mapping. ``root``: directory that relative paths are resolved against.
-
-    ``check=False`` skips :meth:`Recipe.check` (the rules that need mergekit's method specs, and so
-    torch): the caller runs it later, e.g. ``fuse merge`` after it has started hashing the inputs."""
+def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None) -> Recipe:
+    """Validate a recipe mapping against the schema. ``root``: directory that relative paths are resolved
+    against. (What the merge method and the member formats allow: :func:`fuse.merge.validate.validate_recipe`.)"""
     label = source or "recipe"
     check_yaml_size(data, label)
     if not isinstance(data, dict):
@@ -303,12 +258,12 @@ def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike |
             m.model = _resolve(m.model, root)
         out = Path(os.path.expanduser(recipe.output.dir))
         recipe.output.dir = os.path.normpath(out if out.is_absolute() else root / out)
-    return recipe.check() if check else recipe
+    return recipe.check()
 
 
-def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
-    """Read and validate a recipe YAML file (relative paths resolved against its directory;
-    ``check``: see :func:`parse_recipe`)."""
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read a recipe YAML file and validate it against the schema (relative paths resolved against its
+    directory; see :func:`parse_recipe`)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: no such recipe file")
@@ -320,8 +275,8 @@ def load_recipe(path: str | os.PathLike, check: bool = True) -> Recipe:
         raise RecipeError(f"{p}: invalid YAML{where} ({getattr(e, 'problem', None) or e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{p}: cannot read ({e})") from None
-    return parse_recipe(data, source=str(p), root=p.parent.resolve(), check=check)
+    return parse_recipe(data, source=str(p), root=p.parent.resolve())
 
 
-__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "NAME_RX", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
-           "TextSpec", "check_yaml_size", "derive_member_name", "load_recipe", "parse_recipe"]
+__all__ = ["MemberSpec", "MergeSpec", "OutputSpec", "Recipe", "TextSpec",
+           "check_yaml_size", "load_recipe", "parse_recipe"]

@@ -69,7 +69,7 @@ class EncoderConfig(_Strict):
 
 
 class FusionConfig(_Strict):
-    """Which fusion module and its options (see ``fuse/members/comm_fusion.py``)."""
+    """Which fusion module and its options (see :mod:`fuse.fusions`)."""
 
     type: str = "comm"
     layers: dict[str, Union[str, int, list[int]]] = Field(default_factory=dict)  # role -> selector
@@ -85,7 +85,7 @@ class FusionConfig(_Strict):
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .fusion import FUSIONS
+        from fuse.fusions import FUSIONS  # (torch: imported when a config is validated, not with this module)
 
         if v not in FUSIONS:
             raise ValueError(f"unknown fusion type {v!r}; known: {', '.join(sorted(FUSIONS))}")

@@ -29,10 +29,12 @@ from typing import Any
 
 import torch
 
+from fuse.dtypes import torch_dtype
 from fuse.errors import CheckpointError, DataError, RecipeError
+from fuse.fused_layout import union_eos_ids
+from fuse.fusions import build_fusion
 from fuse.members.comm import CommBranch, save_comm_member
-from fuse.members.comm_fusion import build_fusion
-from fuse.members.common import eos_ids
+from fuse.members.common import as_list, eos_ids
 from fuse.members.text import load_tokenizer
 from fuse.output_dir import atomic_output_dir, check_output
 
@@ -441,7 +443,7 @@ class Trainer:
         name = self.cfg.save_dtype
         if name == "auto":
             return torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return torch_dtype(name)
 
     def export(self) -> Path:
         """Write ``<output_dir>/final`` (format ``comm``) atomically; collective call."""
@@ -472,22 +474,11 @@ class Trainer:
         return final
 
     def _eos_ids(self, llm) -> list[int]:
-        out: list[int] = []
+        """The trained member's eos ids: the source LLM's files', its generation config's, the tokenizer's."""
         src = Path(str(self.llm_source))
-        if src.is_dir():
-            out += eos_ids(src, llm.config.to_dict())
         gen = getattr(llm, "generation_config", None)
-        for x in ([getattr(gen, "eos_token_id", None)] if gen is not None else []) + [self.tokenizer.eos_token_id]:
-            for i in (x if isinstance(x, (list, tuple)) else [x]):
-                if i is not None and int(i) not in out:
-                    out.append(int(i))
-        return out
+        return union_eos_ids(eos_ids(src, llm.config.to_dict()) if src.is_dir() else [],
+                             as_list(getattr(gen, "eos_token_id", None)), as_list(self.tokenizer.eos_token_id))
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Build a :class:`Trainer` and run it."""
-    return Trainer(cfg).train()
-
-
-__all__ = ["FINAL", "TrainResult", "Trainer", "make_accelerator", "param_groups", "resolve_mixed_precision",
-           "run_training"]
+__all__ = ["FINAL", "TrainResult", "Trainer", "make_accelerator", "param_groups", "resolve_mixed_precision"]

@@ -22,7 +22,7 @@ from torch import nn
 from fuse.checkpoint import LazyCheckpoint, read_json
 from fuse.errors import CheckpointError, RecipeError
 from fuse.members.comm import CommBranch, load_comm_branch
-from fuse.members.comm_fusion import Fusion
+from fuse.fusions import Fusion
 
 
 class CommModel(nn.Module):

@@ -57,7 +57,8 @@ def register(group: click.Group) -> None:
         `accelerate launch --num_processes N -m fuse eval ...` the questions are split across the
         N processes and process 0 writes the one results JSON.
         """
-        from ..cli_utils import parse_dtype, resolve_device
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
         from ..errors import CheckpointError
         from ..eval import EvalConfig, evaluate, format_summary, load_samples, task_parts, write_results
         from ..eval.distributed import current_shard

@@ -63,7 +63,8 @@ def register(group: click.Group) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
         import warnings
 
-        from ..cli_utils import parse_dtype, resolve_device
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
         from ..images import load_image
         from ..model.fused import FusedModel, check_generation
 
@@ -80,8 +81,9 @@ def register(group: click.Group) -> None:
             warnings.simplefilter("always")
             res = fm.generate(pil, plist, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                               top_p=top_p, seed=seed, template=not raw_prompt,
-                              token_budget=_member_specs(token_budget, "--token-budget"),
-                              positions=_member_specs(positions, "--positions"), separator=_separator(separator),
+                              inference={"token_budget": _member_specs(token_budget, "--token-budget"),
+                                         "positions": _member_specs(positions, "--positions"),
+                                         "separator": _separator(separator)},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)

@@ -111,7 +111,7 @@ class Encoder(nn.Module):
         while hub checkpoints have it; both spellings are accepted. Raises FormatError naming
         ``source`` on missing or unexpected keys.
         """
-        from ..errors import FormatError
+        from ..state_dict import load_state_dict_strict
 
         own = set(self.model.state_dict())
         uses_prefix = any(k.startswith("vision_model.") for k in own)
@@ -119,11 +119,8 @@ class Encoder(nn.Module):
         for k, v in state_dict.items():
             bare = k[len("vision_model."):] if k.startswith("vision_model.") else k
             fixed["vision_model." + bare if uses_prefix else bare] = v
-        missing, unexpected = self.model.load_state_dict(fixed, strict=False)
-        missing = [m for m in missing if not m.endswith("position_ids")]
-        if missing or unexpected:
-            raise FormatError(f"{source}: {self.kind} encoder weights do not fit its config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_state_dict_strict(self.model, fixed, source, f"{self.kind} encoder weights and its config",
+                               may_miss=lambda k: k.endswith("position_ids"))  # a buffer, rebuilt at init
 
     # -- serialisation ------------------------------------------------------
     def spec(self) -> dict[str, Any]:

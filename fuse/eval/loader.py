@@ -47,7 +47,7 @@ def model_kind(path: str | os.PathLike) -> str:
 
 def load_for_eval(path: str | os.PathLike, format: str = "auto", dtype: Any = None, device: str | None = None) -> Any:
     """A model with ``generate`` for a fused dir, a member dir or a COMM checkpoint."""
-    from ..cli_utils import resolve_device
+    from ..devices import resolve_device
 
     p = Path(path)
     if not p.exists():

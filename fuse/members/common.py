@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checkpoint import LazyCheckpoint
 from ..errors import FormatError
+from ..fused_layout import has_tokenizer, union_eos_ids
 
 
 def as_list(x: Any) -> list[int]:
@@ -19,7 +20,6 @@ def as_list(x: Any) -> list[int]:
 
 def eos_ids(path: Path, *configs: dict) -> list[int]:
     """Union of eos ids from generation_config.json and the given config dicts, in order found."""
-    out: list[int] = []
     gen = path / "generation_config.json"
     sources = []
     if gen.is_file():
@@ -27,18 +27,12 @@ def eos_ids(path: Path, *configs: dict) -> list[int]:
             sources.append(json.loads(gen.read_text()))
         except json.JSONDecodeError:
             pass
-    sources += list(configs)
-    for src in sources:
-        for i in as_list(src.get("eos_token_id")):
-            if i not in out:
-                out.append(i)
-    return out
+    return union_eos_ids(*(as_list(src.get("eos_token_id")) for src in [*sources, *configs]))
 
 
 def tokenizer_dir(path: Path) -> str | None:
     """The member dir if it holds tokenizer files, else None."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-    return str(path) if any((path / n).is_file() for n in names) else None
+    return str(path) if has_tokenizer(path) else None
 
 
 def clip_config_from_keys(reader: LazyCheckpoint, prefix: str, hub_id: str | None = None) -> dict:

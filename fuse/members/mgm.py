@@ -48,14 +48,15 @@ from ..checkpoint import LazyCheckpoint
 from ..encoders import ClipEncoder, ConvNextEncoder, encoder_from_spec
 from ..encoders.convnext import config_from_timm_shapes
 from ..errors import FormatError
+from ..fusions.projectors import build_projector
+from ..fused_layout import union_eos_ids
 from ..images import mean_color, pad_to_square, to_rgb
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from ..state_dict import load_state_dict_strict
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .llava_hf import load_projector
 from .mgm_mining import PatchInfoMining, concat_stage_maps
-from .projectors import build_projector
 from .text import TextSide, tokenizer_vocab
 
 AUX = "model.vision_tower_aux."
@@ -65,7 +66,6 @@ MGM_ARCHS = ("MGMLlamaForCausalLM", "MiniGeminiLlamaForCausalLM")
 MGM_TYPES = ("mgm", "mini_gemini")
 
 
-@register_branch
 class MGMBranch(VisionBranch):
     """CLIP + ConvNeXt aux tower + patch info mining + projector (see module docstring).
 
@@ -196,11 +196,9 @@ def _aux_size_ok(image_size_aux: int, stem_patch: int, grid: int, image_grid: in
     return image_size_aux % stem_patch == 0 and (image_size_aux // stem_patch) % (grid * image_grid) == 0
 
 
-@register_format
 class MGMAdapter(FormatAdapter):
     name = "mgm"
     branch_kind = "mgm"
-    vision_files = ()
 
     @classmethod
     def copyable_vision(cls, member: Member) -> bool:
@@ -212,8 +210,8 @@ class MGMAdapter(FormatAdapter):
         return any(a in archs for a in MGM_ARCHS) or config.get("model_type") in MGM_TYPES
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("aux_encoder", r"^model\.vision_tower_aux\."),
@@ -250,7 +248,8 @@ class MGMAdapter(FormatAdapter):
             if aux_dim != stage_sum:
                 raise FormatError(f"{path}: mining aux width {aux_dim} != sum of ConvNeXt stage widths {stage_sum}")
             mining = PatchInfoMining(query_dim, aux_dim)
-            _strict_load(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path, "patch-info-mining")
+            load_state_dict_strict(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path,
+                                   "patch-info-mining weights")
 
             image_grid = int(config.get("image_grid", 1) or 1)
             image_global = bool(config.get("image_global", False))
@@ -273,12 +272,6 @@ class MGMAdapter(FormatAdapter):
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
-
-
-def _strict_load(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _load_aux_tower(reader: LazyCheckpoint, keys: list[str], config: dict, path: Path) -> ConvNextEncoder:
@@ -320,8 +313,7 @@ def mgm_text_side(path: Path, config: dict, options: dict) -> TextSide:
     tok = tokenizer_dir(path)
     eot = llama3_eot_ids(tok)
     style = options.get("prompt_style") or ("mgm_llama_3" if eot else "vicuna_v1")
-    eos = eos_ids(path, config)
-    eos += [i for i in eot if i not in eos]
+    eos = union_eos_ids(eos_ids(path, config), eot)
     return TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos)
 
 

@@ -48,11 +48,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from ..checkpoint import LazyCheckpoint
+from ..dtypes import MODEL_DTYPES, dtype_name, torch_dtype
 from ..encoders import ClipEncoder, encoder_from_spec
 from ..errors import CheckpointError, FormatError
+from ..fused_layout import union_eos_ids
+from ..state_dict import load_state_dict_strict
 from .anyres import anyres_views
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .mgm import llama3_eot_ids
@@ -64,7 +66,6 @@ SAMPLER = "model.sampler."
 DEFAULT_SEPARATOR_ID = 11  # SliME: tokenizer(",").input_ids[-1] for LLaMA-3
 
 
-@register_branch
 class SliMEBranch(VisionBranch):
     """CLIP + gated projector (global) + compressed, text-selected local crops.
 
@@ -121,7 +122,7 @@ class SliMEBranch(VisionBranch):
                 "local_queries": s.grid ** 2, "top_p": s.top_p, "temperature": s.temperature,
                 "select_layer": self.select_layer, "merge": self.merge, "use_global_only": self.use_global_only,
                 "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id,
-                "selection_dtype": None if s.selection_dtype is None else str(s.selection_dtype).replace("torch.", "")}
+                "selection_dtype": None if s.selection_dtype is None else dtype_name(s.selection_dtype)}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SliMEBranch":
@@ -215,16 +216,13 @@ class SliMEBranch(VisionBranch):
         return out
 
 
-SELECTION_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def selection_dtype(name: str | None) -> torch.dtype | None:
     """The dtype of SliME's text-guided selection: None = the branch's dtype (SliME's own behaviour)."""
     if name is None:
         return None
-    if name not in SELECTION_DTYPES:
-        raise ValueError(f"expected one of {', '.join(SELECTION_DTYPES)} or null (the branch dtype), got {name!r}")
-    return SELECTION_DTYPES[name]
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"expected one of {', '.join(MODEL_DTYPES)} or null (the branch dtype), got {name!r}")
+    return torch_dtype(name)
 
 
 def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
@@ -239,13 +237,6 @@ def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
         raise CheckpointError(f"{info.file}: cannot read {key} row {row} ({e})") from None
 
 
-def _strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-@register_format
 class SliMEAdapter(FormatAdapter):
     name = "slime"
     branch_kind = "slime"
@@ -258,8 +249,8 @@ class SliMEAdapter(FormatAdapter):
                           or any(k.startswith((PROJ + "projection.", SAMPLER)) for k in keys))
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("resampler", r"^model\.mm_projector\.attn\."),
@@ -302,15 +293,17 @@ class SliMEAdapter(FormatAdapter):
             heads = mm_hidden // 128
             projector = GatedProjector(mm_hidden, llm_hidden, math.isqrt(global_q), heads,
                                        int(config.get("mm_learnable_gated", -1)))
-            _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
-                    "gated projector")
+            load_state_dict_strict(projector, {k[len(PROJ):]: reader.get(k)
+                                               for k in parts["projector"] + parts["resampler"]},
+                                   path, "gated projector weights")
             try:
                 sel_dtype = selection_dtype(options.get("selection_dtype"))
             except ValueError as e:
                 raise FormatError(f"{path}: options.selection_dtype: {e}") from None
             sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
                                    float(config.get("mm_resampler_temp", 1.0)), sel_dtype)
-            _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
+            load_state_dict_strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path,
+                                   "sampler weights")
 
             if llm_hidden != llm_conf["hidden_size"]:
                 raise FormatError(f"{path}: projector output {llm_hidden} != LLM hidden_size {llm_conf['hidden_size']}")
@@ -324,8 +317,7 @@ class SliMEAdapter(FormatAdapter):
         tok = tokenizer_dir(path)
         eot = llama3_eot_ids(tok)
         style = options.get("prompt_style") or ("slime_llama3" if eot else "vicuna_v1")
-        eos = eos_ids(path, config)
-        eos += [i for i in eot if i not in eos]
+        eos = union_eos_ids(eos_ids(path, config), eot)
         text = TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos, separator_token_id=sep_id)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)

@@ -1,9 +1,9 @@
 """Allocation-free replays of mergekit's element-wise merge formulas, checked against mergekit.
 
-Why: calling ``mergekit.merge_methods.merge_tensors`` costs ~8 ms per 1 MiB row chunk on one
-core (parameter binding, dtype alignment, fresh tensors for every intermediate), about ten
-times the arithmetic itself; at Llama-3-8B widths that overhead was most of ``fuse merge``'s
-wall time. A kernel here issues *the same torch operations in the same order, on the same
+Why: every call of ``mergekit.merge_methods.merge_tensors`` pays for parameter binding, dtype
+alignment and fresh tensors for every intermediate, several times the arithmetic of a cache-sized
+row chunk; at Llama-3-8B widths that overhead was most of ``fuse merge``'s wall time
+(``benchmarks/merge_real_width.py`` measures it; ``--kernel mergekit`` turns the kernels off). A kernel here issues *the same torch operations in the same order, on the same
 dtypes and memory layout* as mergekit's method, but into per-thread buffers that are reused
 from chunk to chunk, so every element goes through identical IEEE operations and the result
 is bit-identical by construction (no reassociation, no fused multiply-add).
@@ -121,7 +121,6 @@ KERNELS: dict[str, Callable[[dict[str, Any], Sequence[float], torch.dtype], Kern
     "task_arithmetic": _task_arithmetic,
     "linear": _linear,
 }
-KERNEL_CHOICES = ("auto", "mergekit")
 VERIFY_ELEMENTS = 1 << 14  # per tensor: rows compared with mergekit before the kernel takes over
 
 
@@ -194,5 +193,5 @@ class KernelGuard:
         return kernel(members, base, out_dtype)
 
 
-__all__ = ["KERNELS", "KERNEL_CHOICES", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel",
+__all__ = ["KERNELS", "KernelGuard", "LinearKernel", "TaskArithmeticKernel", "build_kernel",
            "same_bits"]

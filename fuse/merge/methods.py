@@ -17,12 +17,22 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import FuseError
-from .kernels import KERNEL_CHOICES, KernelGuard, build_kernel
+from ..errors import FuseError, RecipeError
+from .kernels import KernelGuard, build_kernel
+from .options import KERNEL_CHOICES
 
 
 class MergeError(FuseError):
     """The merge itself failed (NaN/Inf produced, mergekit rejected the inputs)."""
+
+
+class MergeParameterError(RecipeError):
+    """A method-level parameter (``merge.parameters.<parameter>``) the method does not take, or a value of
+    the wrong type; ``reason`` says which. The recipe layer adds the file name."""
+
+    def __init__(self, parameter: str, reason: str):
+        super().__init__(f"merge.parameters.{parameter}: {reason}")
+        self.parameter, self.reason = parameter, reason
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -80,23 +90,21 @@ class MethodInfo:
         return {p.name: p for p in self.mergekit.spec.input_parameters}
 
     def validate_parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Check method-level parameters against mergekit's spec.
-
-        Raises ``ValueError((field suffix, message))`` so callers can name the recipe field.
-        """
+        """Method-level parameters checked (and converted) by mergekit's own spec of the method;
+        :class:`MergeParameterError` for one it does not take or a value of the wrong type."""
         shared = self.shared_parameters()
         out = {}
         for key, value in params.items():
             if key in self.member_parameters():
-                raise ValueError(f".{key}", f"set per member (members[i].{key}), not under merge.parameters")
+                raise MergeParameterError(key, f"set per member (members[i].{key}), not under merge.parameters")
             if key not in shared:
                 known = ", ".join(shared) or "none"
-                raise ValueError(f".{key}", f"unknown parameter for {self.name} (known: {known})")
+                raise MergeParameterError(key, f"unknown parameter for {self.name} (known: {known})")
             try:
                 out[key] = shared[key].validate(value)
-            except Exception:
-                raise ValueError(f".{key}", f"expected a {getattr(shared[key].value_type, '__name__', 'value')}, "
-                                 f"got {value!r}") from None
+            except Exception:  # pydantic's ValidationError, or whatever a custom validator raises
+                kind = getattr(shared[key].value_type, "__name__", "value")
+                raise MergeParameterError(key, f"expected a {kind}, got {value!r}") from None
         return out
 
 
@@ -189,4 +197,5 @@ class TensorMerger:
             raise MergeError(f"{name}: mergekit {self.info.name} failed ({str(e).splitlines()[0]})") from None
 
 
-__all__ = ["MERGE_METHODS", "MergeError", "all_finite", "MethodInfo", "TensorMerger", "method_info"]
+__all__ = ["MERGE_METHODS", "MergeError", "MergeParameterError", "all_finite", "MethodInfo", "TensorMerger",
+           "method_info"]

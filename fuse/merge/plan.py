@@ -26,17 +26,11 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import parse_size
+from ..dtypes import dtype_name, torch_dtype
 from .family import VOCAB_TENSORS
 from .methods import method_info
+from .options import DEFAULT_CHUNK_BYTES
 from .sources import BaseInput, MemberInput
-
-DEFAULT_CHUNK_BYTES = 2**20  # per input, compute dtype: a piece's inputs and mergekit's temporaries stay in cache
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 @dataclass
 class TensorJob:
@@ -139,15 +133,14 @@ def _row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, 
 
 
 def build_plan(recipe, base: BaseInput | None, members: Sequence[MemberInput], names: Sequence[str],
-               chunk_bytes: int | None = None) -> MergePlan:
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergePlan:
     """Plan every tensor of ``names`` (already family-checked; sorted = execution order)."""
     method = recipe.merge.method
     info = method_info(method)
-    compute = DTYPES[recipe.merge.dtype]
+    compute = torch_dtype(recipe.merge.dtype)
     with_base = info.needs_base
-    out_fixed = DTYPES[recipe.merge.out_dtype] if recipe.merge.out_dtype else None
+    out_fixed = torch_dtype(recipe.merge.out_dtype) if recipe.merge.out_dtype else None
     elementwise = info.elementwise([m.spec.density for m in members])
-    chunk_bytes = chunk_bytes or int(os.environ.get("FUSE_MERGE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
     inputs = [m.llm for m in members] + ([base.llm] if with_base else [])
     jobs = []
     for name in names:
@@ -195,4 +188,4 @@ def _mixed_dtypes_note(members: Sequence[MemberInput], names: Sequence[str]) -> 
             f"({'/'.join(stored[0])}); set merge.out_dtype in the recipe to choose")
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DTYPES", "MergePlan", "TensorJob", "build_plan", "dtype_name"]
+__all__ = ["MergePlan", "TensorJob", "build_plan"]

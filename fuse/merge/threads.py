@@ -3,8 +3,8 @@
 Why it matters: the merge and the family check run element-wise ops on cache-sized blocks
 (64K to 256K elements). Splitting such an op over OpenMP threads gains nothing, and on a
 machine whose cores are busy with other work every parallel region waits until all its
-threads are scheduled: on a shared 2-core machine the family check's distance took 6-12 s
-with 2 threads and 0.3-0.5 s with one (same process, same inputs, alternating).
+threads are scheduled, which made the family check's distance an order of magnitude slower with
+two threads than with one on a shared 2-core machine (figures in the README).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 
 from ..members import FORMATS
-from ..members.base import CHECKPOINT_LAYOUT, VISION_CONFIG, VISION_WEIGHTS
+from ..fused_layout import VISION_CONFIG, VISION_WEIGHTS
+from ..members.base import CHECKPOINT_LAYOUT
 from ..recipe import Recipe
 from .methods import MergeError, all_finite
 from .sources import MemberInput, Models, copies_vision, open_member

@@ -8,13 +8,14 @@ For each (image, prompt) pair:
    tokens ``[N_m, D]`` (batched over the images; branches with ``needs_text`` get ``text_embeds``:
    per image the embeddings ``[T, D]`` of every prompt token except the placeholder, from the merged
    LLM's table, like SliME's ``get_pure_text_embedding``);
-3. each member's tokens go through its token budget (:mod:`fuse.model.budget`);
+3. each member's tokens go through its token budget (:mod:`fuse.model.budget`) (steps 2-3:
+   :func:`~fuse.model.encoding.encode_images`);
 4. the sequence ``[text before][member 1][sep?][member 2]...[text after]`` is assembled with
    position ids from each member's position scheme (:mod:`fuse.model.positions`), left-padded
-   (:mod:`fuse.model.assembly`);
+   (:func:`~fuse.model.assembly.assemble_inputs`);
 5. the merged LLM runs on ``inputs_embeds`` (``forward`` -> logits, ``generate`` -> text, stopping
-   on every member's eos ids; transformers' ``generate`` keeps custom position ids growing from
-   the last prompt position).
+   on every member's eos ids (:mod:`fuse.model.generation`); transformers' ``generate`` keeps custom
+   position ids growing from the last prompt position).
 
 Build one with :meth:`FusedModel.from_pretrained` (a ``fuse merge`` output directory) or
 :meth:`FusedModel.from_members` (loaded :class:`~fuse.members.Member` objects + an LLM; a single
@@ -24,36 +25,31 @@ member with no LLM uses its own LLM and reproduces the original model).
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor, PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 
-from ..checkpoint import LazyCheckpoint, read_json
-from ..errors import CheckpointError, DataError, FuseError, NumericsError
+from ..errors import CheckpointError, DataError, FuseError
+from ..fused_layout import LLM_DIR, fused_eos_ids, member_dir
 from ..images import load_image
-from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_branch
-from ..members.base import VISION_CONFIG, VISION_WEIGHTS
-from ..output_dir import atomic_output_dir
-from ..recipe import NAME_RX
-from .assembly import Assembled, Piece, assemble
-from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
-from .budget import BudgetResult, apply_budget
-from .config import FUSE_CONFIG, FusedConfig
-from .options import InferenceOptions
-from .positions import span_offsets
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-# what AutoModel.from_pretrained passes along for hub downloads (a fused dir is always local)
-_HUB_KWARGS = {"cache_dir", "force_download", "proxies", "revision", "token", "local_files_only", "subfolder",
-               "trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto", "device_map"}
+from ..members import TextSide, VisionBranch
+from ..names import NAME_RX, unique_names
+from .assembly import Assembled, assemble_inputs
+from .attention import AttentionCapture, capture, decoder_layers, llm_layer_indices
+from .budget import BudgetResult
+from .config import FusedConfig
+from .encoding import encode_images
+from .generation import FiniteLogits, GenerationResult, check_generation, cut_at_eos, generation_config
+from .loading import (HUB_KWARGS, fused_text_side, load_branches, load_llm, member_dirs, read_fused_config,
+                      save_fused_model)
+from .options import InferenceOptions, refuse_inference_keywords
 
 
 @dataclass
@@ -61,7 +57,7 @@ class FusedInputs:
     """A prepared, left-padded batch plus what was done to build it.
 
     ``inputs_embeds [B, L, D]``, ``attention_mask [B, L]``, ``position_ids [B, L]``;
-    ``spans[b]``: piece name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
+    ``spans[b]``: segment name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
     visual-token count after the budget (``raw_tokens``: before); ``grids``/``kept``: per sample,
     member -> layout of the kept tokens / kept indices (see :class:`~fuse.model.budget.BudgetResult`);
     ``timings``: seconds, ``vision`` per member and ``assembly``.
@@ -93,46 +89,8 @@ class FusedInputs:
         return self.assembled.spans
 
 
-@dataclass
-class GenerationResult:
-    """``texts`` (decoded answers), ``token_ids`` (answer ids, cut at the first eos),
-    ``tokens`` (member -> visual tokens per sample), ``prompt_tokens`` (sequence length per sample),
-    ``timings`` (seconds: ``vision`` per member, ``assembly``, ``generate``, ``total``)."""
-
-    texts: list[str]
-    token_ids: list[list[int]]
-    tokens: list[dict[str, int]]
-    prompt_tokens: list[int]
-    timings: dict[str, Any]
-
-
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-        out[k] = v
-    return out
-
-
-def _unique_names(names: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        if n in seen:
-            seen[n] += 1
-            cand = f"{n}_{seen[n]}"
-            while cand in seen:
-                seen[n] += 1
-                cand = f"{n}_{seen[n]}"
-            n = cand
-        seen.setdefault(n, 0)
-        out.append(n)
-    return out
 
 
 class FusedModel(PreTrainedModel):
@@ -191,13 +149,13 @@ class FusedModel(PreTrainedModel):
         exactly one member (its own LLM: the fused model then equals the original member).
         ``text_member``: index or name of the member whose tokenizer/prompt style is used.
         """
-        from ..cli_utils import parse_dtype
+        from ..dtypes import parse_dtype
 
         members = list(members)
         if not members:
             raise FuseError("from_members: no members given")
         dtype = parse_dtype(dtype)
-        names = _unique_names([m.name for m in members])
+        names = unique_names([m.name for m in members])
         for n in names:
             if not NAME_RX.fullmatch(n):  # each becomes members/<name>/ in save_pretrained
                 raise FuseError(f"from_members: member name {n!r} is not a plain directory name "
@@ -208,17 +166,13 @@ class FusedModel(PreTrainedModel):
                                 "only a single member can use its own LLM")
             llm = members[0].llm.load_model(dtype)
         elif not isinstance(llm, nn.Module):
-            llm = _load_llm(Path(llm), dtype)
+            llm = load_llm(Path(llm), dtype)
         idx = names.index(text_member) if isinstance(text_member, str) else int(text_member)
         if not 0 <= idx < len(members):
             raise FuseError(f"text_member: {text_member!r} is not one of the members {names}")
         text = members[idx].text
-        eos: list[int] = []
-        for m in members:
-            for i in m.text.eos_token_ids:
-                if i not in eos:
-                    eos.append(int(i))
-        infos = [{"name": n, "dir": f"members/{n}", "format": m.format, "source": str(m.path), "weight": None,
+        eos = fused_eos_ids([m.text.eos_token_ids for m in members], idx)
+        infos = [{"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path), "weight": None,
                   "density": None, "eos_token_ids": list(m.text.eos_token_ids), "vocab_rows": m.llm.vocab_rows,
                   "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id}
                  for n, m in zip(names, members)]
@@ -242,15 +196,14 @@ class FusedModel(PreTrainedModel):
         ``dtype``: of the LLM and branches (default: the LLM checkpoint's dtype; branches float32).
         Missing or corrupt files raise :class:`~fuse.errors.CheckpointError` naming the file.
         """
-        from ..members import _load_plugins
-
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         if device is None and isinstance(kwargs.get("device_map"), (str, torch.device)):
             device = kwargs.pop("device_map")
-        ignored = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
+        ignored = sorted(k for k, v in kwargs.items() if k not in HUB_KWARGS and v is not None)
         if ignored:
             warnings.warn(f"FusedModel.from_pretrained ignores {', '.join(ignored)}", stacklevel=2)
-        from ..cli_utils import parse_dtype, resolve_device
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
 
         dtype = parse_dtype(dtype)
         device = resolve_device(device) if device is not None else None
@@ -258,41 +211,11 @@ class FusedModel(PreTrainedModel):
         if not root.is_dir():
             raise CheckpointError(f"{root}: no such fused model directory (expected the output of `fuse merge`)")
         if config is None or not isinstance(config, FusedConfig):
-            path = root / FUSE_CONFIG if (root / FUSE_CONFIG).is_file() or not (root / "config.json").is_file() \
-                else root / "config.json"
-            data = read_json(path, "fused model config (fuse_config.json)")
-            if path.name != FUSE_CONFIG and data.get("model_type") != "visionfuse":
-                arch = (data.get("architectures") or [data.get("model_type") or "unknown"])[0]
-                raise CheckpointError(f"{root}: not a fused model (no {FUSE_CONFIG}; config.json describes a {arch}); "
-                                      "`fuse merge` writes fused models; `fuse eval` and "
-                                      "FusedModel.from_members([load_member(dir)]) take a single model")
-            data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
-            config = FusedConfig(**data)
-        where = root / FUSE_CONFIG
-        if not config.members:
-            raise CheckpointError(f"{where}: 'members' is empty")
-        for i, m in enumerate(config.members):
-            if not isinstance(m, dict) or not m.get("name"):
-                raise CheckpointError(f"{where}: members[{i}] has no 'name'")
-        member_dirs = [root / m.get("dir", f"members/{m['name']}") for m in config.members]
-        for m, mdir in zip(config.members, member_dirs):
-            if not os.path.realpath(mdir).startswith(os.path.realpath(root) + os.sep):
-                raise CheckpointError(f"{where}: member {m['name']!r} dir {m.get('dir')!r} is outside {root}")
-        for m, mdir in zip(config.members, member_dirs):  # check every file before loading anything big
-            if not mdir.is_dir():
-                raise CheckpointError(f"{mdir}: missing vision branch directory of member {m['name']!r}")
-            for f in (VISION_CONFIG, VISION_WEIGHTS):
-                if not (mdir / f).is_file():
-                    raise CheckpointError(f"{mdir / f}: missing file of member {m['name']!r}")
-        llm = _load_llm(root / "llm", dtype, attn_implementation)
-        _load_plugins()
-        branches, texts = {}, {}
-        for m, mdir in zip(config.members, member_dirs):
-            branch, vcfg = load_vision_branch(mdir, dtype=dtype)
-            branches[m["name"]] = branch
-            if vcfg.get("text"):
-                texts[m["name"]] = TextSide.from_dict(vcfg["text"])
-        text = _fused_text_side(root, config, texts)
+            config = read_fused_config(root)
+        dirs = member_dirs(root, config)  # every file checked before anything big is loaded
+        llm = load_llm(root / LLM_DIR, dtype, attn_implementation)
+        branches, texts = load_branches(config, dirs, dtype)
+        text = fused_text_side(root, config, texts)
         text.tokenizer  # load now: errors surface at load time and the model no longer needs the files
         model = cls(config, llm=llm, branches=branches, text=text, member_texts=texts)
         model.name_or_path = str(root)
@@ -307,25 +230,7 @@ class FusedModel(PreTrainedModel):
         wrote) there is replaced as a whole (``force=False`` refuses it). A directory holding anything
         else, or a file, is refused (CheckpointError) and left untouched: unlike transformers, which
         writes into the directory, a fused model is never mixed with other files."""
-        import json
-
-        with atomic_output_dir(save_directory, force=force) as tmp:
-            self.llm.save_pretrained(str(tmp / "llm"))
-            self.text.tokenizer.save_pretrained(str(tmp / "llm"))
-            members = []
-            for info in self.config.members:
-                name = info["name"]
-                d = f"members/{name}"
-                save_vision_branch(self.branches[name], tmp / d, text=self.member_texts.get(name),
-                                   extra={"format": info.get("format"), "source": info.get("source")})
-                members.append({**info, "dir": d})
-            self.config.members = members
-            (tmp / FUSE_CONFIG).write_text(json.dumps(self.config.fuse_dict(), indent=2, default=str))
-            self.config.save_pretrained(str(tmp))
-            (tmp / "README.md").write_text(
-                f"# Fused model (VisionFuse)\n\nMembers (visual-token order): {', '.join(self.member_names)}.\n"
-                f"Merge: {self.config.merge.get('method')}.\n\nLoad with `fuse.load(\"{Path(save_directory).name}\")` "
-                "or `fuse generate DIR --image IMG --prompt TEXT`.\n")
+        save_fused_model(self, save_directory, force=force)
 
     # ------------------------------------------------------------------ inputs
     def _text_side(self, template: bool) -> TextSide:
@@ -335,7 +240,8 @@ class FusedModel(PreTrainedModel):
             self._raw_text = dataclasses.replace(self.text, prompt_style="plain", _tokenizer=self.text.tokenizer)
         return self._raw_text
 
-    def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """Token ids -> the merged LLM's input embeddings ``[n, D]`` (DataError for an id outside the table)."""
         emb = self.llm.get_input_embeddings()
         rows = emb.weight.shape[0]
         bad = [i for i in ids if not 0 <= i < rows]
@@ -352,14 +258,14 @@ class FusedModel(PreTrainedModel):
 
     @torch.no_grad()
     def prepare(self, images: Any, prompts: str | Sequence[str], template: bool = True,
-                token_budget: Any = None, positions: Any = None, separator: Any = None,
-                max_new_tokens: int = 0) -> FusedInputs:
+                inference: Mapping[str, Any] | None = None, max_new_tokens: int = 0) -> FusedInputs:
         """Images + prompts -> the assembled, left-padded LLM input.
 
         ``images``: one per prompt (paths or PIL images; converted to RGB by ``fuse.images.load_image``).
         ``template``: apply the text member's prompt style (chat template) to each prompt; False uses
-        the prompt as the full text. ``token_budget``/``positions``/``separator`` override the model's
-        inference options for this call (see :mod:`fuse.model.options`). ``max_new_tokens`` is only
+        the prompt as the full text. ``inference``: overrides of the model's inference options for this
+        call, as in the recipe's ``inference`` section (``{"token_budget": "pool:2", "positions": {name:
+        "share"}, "separator": "member"}``, see :mod:`fuse.model.options`). ``max_new_tokens`` is only
         used to check the context length.
         """
         t_start = time.perf_counter()
@@ -371,7 +277,7 @@ class FusedModel(PreTrainedModel):
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise DataError(f"prompt {i}: expected a string, got {type(p).__name__}")
-        opts = self.options.override(self.member_names, token_budget, positions, separator)
+        opts = self.options.override(self.member_names, inference)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
         full = [side.prompt(p) for p in prompts]
@@ -381,59 +287,29 @@ class FusedModel(PreTrainedModel):
         p_embeds: list[torch.Tensor | None] = [None] * len(prompts)
         q_embeds: list[torch.Tensor | None] = [None] * len(prompts)
         if any(b.needs_text for b in self.branches.values()):
-            p_embeds = [self._embed_ids(b + a) for b, a in text_ids]
+            p_embeds = [self.embed_ids(b + a) for b, a in text_ids]
         if any(spec.kind == "topk" for spec in opts.budget.values()):
-            q_embeds = [self._embed_ids(self._question_ids(p, b, a)) for p, (b, a) in zip(prompts, text_ids)]
+            q_embeds = [self.embed_ids(self._question_ids(p, b, a)) for p, (b, a) in zip(prompts, text_ids)]
         t_text = time.perf_counter() - t_start
 
-        vision_t: dict[str, float] = {}
-        per_member: dict[str, list[BudgetResult]] = {}
-        raw_counts: dict[str, list[int]] = {}
-        raw_grids: dict[str, list] = {}
-        llm_dtype = self.llm.get_input_embeddings().weight.dtype
-        llm_device = self.llm.get_input_embeddings().weight.device
-        for name, branch in self.branches.items():
-            t0 = time.perf_counter()
-            batch = _to_device(branch.preprocess(pil), branch.device, branch.dtype)
-            text_embeds = [e.to(branch.device, branch.dtype) for e in p_embeds] if branch.needs_text else None
-            toks = branch(batch, text_embeds=text_embeds)
-            if not all(bool(torch.isfinite(t).all()) for t in toks):
-                raise NumericsError(f"member {name!r}: its vision branch produced NaN/Inf visual tokens "
-                                    f"(NaN/Inf in its weights, or overflow in {branch.dtype}); no answer is possible")
-            grids = branch.token_grids(batch) or [None] * len(pil)
-            vision_t[name] = time.perf_counter() - t0
-            spec = opts.budget[name]
-            raw_counts[name] = [int(t.shape[0]) for t in toks]
-            raw_grids[name] = list(grids)
-            per_member[name] = [apply_budget(t.to(llm_device, llm_dtype), spec, g, qe)
-                                for t, g, qe in zip(toks, grids, q_embeds)]
-
+        weight = self.llm.get_input_embeddings().weight
+        enc = encode_images(self.branches, pil, opts.budget, p_embeds, q_embeds, weight.dtype, weight.device)
         t1 = time.perf_counter()
-        samples = []
-        for i, (before, after) in enumerate(text_ids):
-            text_emb = self._embed_ids(before + after)  # one lookup per sample
-            pieces = [Piece("text_before", "text", text_emb[:len(before)])]
-            for j, name in enumerate(self.member_names):
-                res = per_member[name][i]
-                pieces.append(Piece(name, "visual", res.tokens,
-                                    span_offsets(res.count, opts.positions[name], res.grids)))
-                sep = self._separator_id(opts, j)
-                if sep is not None:
-                    pieces.append(Piece(f"sep:{name}", "sep", self._embed_ids([sep])))
-            pieces.append(Piece("text_after", "text", text_emb[len(before):]))
-            samples.append(pieces)
-        assembled = assemble(samples)
-        self._check_context(assembled, per_member, text_ids, max_new_tokens)
+        separators = [self._separator_id(opts, j) for j in range(len(self.member_names))]
+        visual = {n: enc.budgeted[n] for n in self.member_names}
+        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators)
+        self._check_context(assembled, visual, text_ids, max_new_tokens)
         t_asm = time.perf_counter() - t1 + t_text
+        per_sample = range(len(prompts))
         return FusedInputs(
             assembled=assembled,
-            tokens=[{n: per_member[n][i].count for n in self.member_names} for i in range(len(prompts))],
-            raw_tokens=[{n: raw_counts[n][i] for n in self.member_names} for i in range(len(prompts))],
-            grids=[{n: per_member[n][i].grids for n in self.member_names} for i in range(len(prompts))],
-            raw_grids=[{n: raw_grids[n][i] for n in self.member_names} for i in range(len(prompts))],
-            kept=[{n: per_member[n][i].kept for n in self.member_names} for i in range(len(prompts))],
+            tokens=[{n: visual[n][i].count for n in visual} for i in per_sample],
+            raw_tokens=[{n: enc.raw_counts[n][i] for n in visual} for i in per_sample],
+            grids=[{n: visual[n][i].grids for n in visual} for i in per_sample],
+            raw_grids=[{n: enc.raw_grids[n][i] for n in visual} for i in per_sample],
+            kept=[{n: visual[n][i].kept for n in visual} for i in per_sample],
             text_ids=text_ids,
-            timings={"vision": vision_t, "assembly": t_asm})
+            timings={"vision": enc.seconds, "assembly": t_asm})
 
     def _separator_id(self, opts: InferenceOptions, j: int) -> int | None:
         """Token id to insert after member ``j`` (never after the last member)."""
@@ -461,12 +337,12 @@ class FusedModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ running
     def forward(self, images: Any = None, prompts: Any = None, inputs: FusedInputs | None = None,
-                template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                **llm_kwargs: Any):
+                template: bool = True, inference: Mapping[str, Any] | None = None, **llm_kwargs: Any):
         """One forward pass of the merged LLM; returns its output (``.logits [B, L, V]``) with
         ``.fused_inputs`` set to the :class:`FusedInputs` used (build them with :meth:`prepare`)."""
+        refuse_inference_keywords(llm_kwargs)
         if inputs is None:
-            inputs = self.prepare(images, prompts, template, token_budget, positions, separator)
+            inputs = self.prepare(images, prompts, template, inference)
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                        position_ids=inputs.position_ids, **llm_kwargs)
         out.fused_inputs = inputs
@@ -475,49 +351,37 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, images: Any, prompts: str | Sequence[str], max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
+                 template: bool = True, inference: Mapping[str, Any] | None = None,
                  return_details: bool = False, seed: int | None = None, **gen_kwargs: Any):
         """Answer ``prompts`` (one image each). Returns ``list[str]``, or a :class:`GenerationResult`
         with ``return_details=True``.
 
         Batched with left padding; stops on every member's eos id (``fuse_config.text.eos_token_ids``);
         greedy by default, sampling with ``do_sample=True`` (``temperature``, ``top_p``, ``seed``).
-        Extra ``gen_kwargs`` go to transformers' ``GenerationConfig`` (e.g. ``repetition_penalty``).
+        ``inference``: as for :meth:`prepare`. Extra ``gen_kwargs`` go to transformers' ``GenerationConfig``
+        (e.g. ``repetition_penalty``).
         """
-        from transformers import GenerationConfig, LogitsProcessorList
-
+        refuse_inference_keywords(gen_kwargs)
         check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
         eos = self.eos_token_ids
-        tok = self.text.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-        cfg: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
-                               "eos_token_id": eos or None, "pad_token_id": pad}
-        if do_sample:
-            cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=gen_kwargs.pop("top_k", 0))
-        cfg.update(gen_kwargs)
+        config = generation_config(self.text.tokenizer, eos, max_new_tokens, do_sample, temperature, top_p,
+                                   **gen_kwargs)
         if seed is not None:
             torch.manual_seed(seed)
         t1 = time.perf_counter()
         out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                position_ids=inputs.position_ids, generation_config=GenerationConfig(**cfg),
-                                logits_processor=LogitsProcessorList([_FiniteLogits(self.llm.dtype)]))
+                                position_ids=inputs.position_ids, generation_config=config,
+                                logits_processor=LogitsProcessorList([FiniteLogits(self.llm.dtype)]))
         t_gen = time.perf_counter() - t1
-        ids = [self._cut_at_eos(row.tolist()) for row in out]
+        ids = [cut_at_eos(row.tolist(), eos) for row in out]
         texts = [self.decode(r) for r in ids]
         if not return_details:
             return texts[0] if single else texts
         timings = {**inputs.timings, "generate": t_gen, "total": time.perf_counter() - t0}
         return GenerationResult(texts, ids, inputs.tokens, inputs.assembled.lengths, timings)
-
-    def _cut_at_eos(self, ids: list[int]) -> list[int]:
-        eos = set(self.eos_token_ids)
-        for k, i in enumerate(ids):
-            if i in eos:
-                return ids[:k]
-        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; ids beyond the tokenizer (extra embedding rows) are dropped."""
@@ -529,11 +393,11 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def capture_attention(self, images: Any, prompts: str | Sequence[str], layers: int | Sequence[int] | None = None,
                           query: str | Sequence[int] = "last", max_new_tokens: int = 16, template: bool = True,
-                          token_budget: Any = None, positions: Any = None, separator: Any = None) -> AttentionCapture:
+                          inference: Mapping[str, Any] | None = None) -> AttentionCapture:
         """Attention from chosen positions to each member's visual tokens, per requested layer.
 
         Args:
-            images, prompts: as for :meth:`generate` (one image per prompt).
+            images, prompts, template, inference: as for :meth:`generate` (one image per prompt).
             layers: LLM layer indices (negative from the end); None = every layer. Only these layers
                 are hooked; other layers' attention is never stored.
             query: which positions attend (in each sample's own unpadded sequence):
@@ -552,145 +416,16 @@ class FusedModel(PreTrainedModel):
         The LLM runs with eager attention during the capture (switched back afterwards); samples are
         run one at a time, unpadded, after the vision branches ran batched.
         """
-        from .attention import decoder_layers
-
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens)
-        layer_ids = resolve_layers(layers, len(decoder_layers(self.llm)))
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
+        layer_ids = llm_layer_indices(layers, len(decoder_layers(self.llm)))
         answers: list[list[int]] = [[] for _ in inputs.assembled.lengths]
         if query == "answer":
             out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                     position_ids=inputs.position_ids,
-                                    generation_config=self._greedy_config(max_new_tokens))
-            answers = [self._cut_at_eos(r.tolist()) for r in out]
-        asm = inputs.assembled
-        samples = []
-        for b, (n, pad) in enumerate(zip(asm.lengths, asm.pad)):
-            emb = asm.inputs_embeds[b:b + 1, pad:]
-            pos = asm.position_ids[b:b + 1, pad:]
-            spans = {k: (s - pad, e - pad) for k, (s, e) in asm.spans[b].items()}
-            q = self._query_positions(query, n, spans, len(answers[b]))
-            if answers[b]:
-                extra = self._embed_ids(answers[b]).unsqueeze(0).to(emb.dtype)
-                emb = torch.cat([emb, extra], 1)
-                pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(len(answers[b]), device=pos.device)], 1)
-                spans["answer"] = (n, n + len(answers[b]))
-            key_spans = {m: spans[m] for m in self.member_names}
-            qt = torch.tensor(q, dtype=torch.long)
-            with record_attention(self.llm, layer_ids, qt, key_spans) as store:
-                self.llm(inputs_embeds=emb, position_ids=pos, use_cache=False)
-            samples.append(SampleAttention(
-                query_positions=q, spans=spans, grids=inputs.grids[b], kept=inputs.kept[b],
-                raw_grids=inputs.raw_grids[b], weights={l: store[l] for l in layer_ids},
-                answer=self.decode(answers[b]) if query == "answer" else None,
-                answer_ids=answers[b] if query == "answer" else None))
-        return AttentionCapture(layers=layer_ids, members=self.member_names, samples=samples)
-
-    def _greedy_config(self, max_new_tokens: int):
-        from transformers import GenerationConfig
-
-        tok = self.text.tokenizer
-        eos = self.eos_token_ids
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-        return GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=eos or None,
-                                pad_token_id=pad)
-
-    @staticmethod
-    def _query_positions(query: Any, n: int, spans: dict[str, tuple[int, int]], n_answer: int) -> list[int]:
-        if query == "last":
-            return [n - 1]
-        if query == "answer":
-            return [n - 1] + list(range(n, n + max(n_answer - 1, 0)))
-        if query == "text_after":
-            s, e = spans["text_after"]
-            if e <= s:
-                raise FuseError("query 'text_after': this prompt has no text after the image")
-            return list(range(s, e))
-        if isinstance(query, str):
-            raise FuseError(f"query {query!r}: expected 'last', 'answer', 'text_after' or a list of positions")
-        out = []
-        for p in query:
-            i = int(p) + n if int(p) < 0 else int(p)
-            if not 0 <= i < n:
-                raise FuseError(f"query position {p} is outside the prompt of {n} tokens")
-            out.append(i)
-        return out
-
-
-# ---------------------------------------------------------------------- helpers
-class _FiniteLogits(LogitsProcessor):
-    """A transformers logits processor that fails loudly on NaN/+Inf scores (or a row that is all
-    -Inf), which greedy decoding would otherwise turn into an empty answer with exit code 0."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.step = dtype, 0
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self.step += 1
-        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            raise NumericsError(f"the LLM produced NaN/Inf logits at generation step {self.step} for sample(s) "
-                                f"{rows} (NaN/Inf in the weights, or overflow in {self.dtype}); no answer is possible")
-        return scores
-
-
-def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                     seed: int | None = None) -> None:
-    """One-line errors for generation settings transformers would reject with a traceback (or take
-    silently): called by :meth:`FusedModel.generate` and by the CLIs before a model is loaded."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
-        raise FuseError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    if do_sample:
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
-            raise FuseError(f"temperature: sampling needs a temperature > 0, got {temperature!r} "
-                            "(for greedy decoding, do not sample)")
-        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-            raise FuseError(f"top_p: expected a number in (0, 1], got {top_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
-        raise FuseError(f"seed: expected an integer in [0, 2^64), got {seed!r}")
-
-
-def _load_llm(llm_dir: Path, dtype: torch.dtype | None, attn_implementation: str | None = None) -> nn.Module:
-    """``AutoModelForCausalLM`` from a directory, with one-line errors naming missing files."""
-    from transformers import AutoModelForCausalLM
-
-    if not llm_dir.is_dir():
-        raise CheckpointError(f"{llm_dir}: missing merged LLM directory")
-    read_json(llm_dir / "config.json", "LLM config.json")
-    LazyCheckpoint(llm_dir)  # clear error on missing/truncated safetensors shards
-    kw: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto", "use_safetensors": True}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(llm_dir), **kw)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{llm_dir}: cannot load the merged LLM ({str(e).splitlines()[0]})") from None
-    return model.eval()
-
-
-def _fused_text_side(root: Path, config: FusedConfig, member_texts: dict[str, TextSide]) -> TextSide:
-    """The text member's TextSide, with the fused eos union and the tokenizer saved in ``llm/`` if any."""
-    names = config.member_names
-    tm = config.text.get("member") or names[0]
-    if tm not in names:
-        raise CheckpointError(f"{root / FUSE_CONFIG}: text.member {tm!r} is not one of the members {names}")
-    base = member_texts.get(tm) or TextSide(tokenizer_path=None)
-    llm_dir = root / "llm"
-    tok_path = str(llm_dir) if any((llm_dir / f).is_file() for f in TOKENIZER_FILES) else base.tokenizer_path
-    if tok_path is None:
-        raise CheckpointError(f"{llm_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) and "
-                              f"member {tm!r} records none")
-    eos = config.text.get("eos_token_ids")
-    if eos is None:
-        eos = []
-        for m in config.members:
-            for i in m.get("eos_token_ids") or []:
-                if i not in eos:
-                    eos.append(i)
-    return TextSide(tokenizer_path=tok_path, prompt_style=config.text.get("prompt_style") or base.prompt_style,
-                    placeholder=config.text.get("placeholder") or base.placeholder,
-                    eos_token_ids=[int(i) for i in (eos or base.eos_token_ids)],
-                    separator_token_id=base.separator_token_id)
+                                    generation_config=generation_config(self.text.tokenizer, self.eos_token_ids,
+                                                                        max_new_tokens))
+            answers = [cut_at_eos(r.tolist(), self.eos_token_ids) for r in out]
+        return capture(self, inputs, layer_ids, query, answers)
 
 
 def load(path: str | os.PathLike, **kwargs: Any) -> FusedModel:

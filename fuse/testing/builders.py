@@ -6,6 +6,8 @@
   whose LLM is the base plus a small seeded delta (a "fine-tune").
 - :func:`llava_hf_to_original` / :func:`build_llava_member`: the same weights in the original
   LLaVA-1.5 layout (``model.mm_projector.{0,2}``, ``model.vision_tower.vision_tower.vision_model.*``).
+- :func:`rewrite_weights`: a copy of a checkpoint with edited tensors (NaN, other dtypes, extra rows);
+  :func:`random_image`, :func:`png_bomb`: test images.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +48,35 @@ def _save(directory: Path, state: dict[str, torch.Tensor], config: dict, max_sha
     if eos is not None:
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     return directory
+
+
+def rewrite_weights(src: str | os.PathLike, dst: str | os.PathLike,
+                    edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Copy checkpoint directory ``src`` to ``dst`` and rewrite its safetensors with ``edit(state_dict)``
+    applied (the dict is edited in place; its tensors are the checkpoint's, read in full)."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    sd = LazyCheckpoint(dst).state_dict()
+    edit(sd)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    w = ShardedWriter(dst)
+    for k, v in sd.items():
+        w.add(k, v)
+    w.close()
+    return dst
+
+
+def png_bomb(path: str | os.PathLike, width: int = 15000, height: int | None = None) -> Path:
+    """A small PNG file whose header declares ``width`` x ``height`` pixels (default square: 225 Mpx), which
+    PIL refuses to open (decompression-bomb check): the input of the "image too large" refusals."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height or width, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:

@@ -79,7 +79,7 @@ def convnext_shapes(prefix: str = "model.vision_tower_aux.") -> dict[str, tuple[
 
 def mgm_shapes() -> dict[str, tuple[int, ...]]:
     from ..members.mgm_mining import PatchInfoMining
-    from ..members.projectors import build_projector
+    from ..fusions.projectors import build_projector
 
     with torch.device("meta"):
         mining = PatchInfoMining(1024, sum(CONVNEXT_L["hidden_sizes"]))

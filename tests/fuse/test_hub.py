@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 
 from fuse.checkpoint import LazyCheckpoint
-from fuse.cli import main
 from fuse.testing.hub import FakeHub, copy_as_repo
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "minigemini_slime.yaml"
@@ -22,11 +20,6 @@ BASE_ID, MGM_ID, SLIME_ID = "meta-llama/Meta-Llama-3-8B-Instruct", "YanweiLi/MGM
 JUNK = {"pytorch_model.bin": b"pickle", "training_args.bin": b"pickle", "optimizer.pt": b"pickle",
         "modeling_mgm.py": b"print('remote code')", "original/consolidated.00.pth": b"pickle",
         "original/params.json": b"{}", "README.md": b"# card"}
-
-
-def run(*args):
-    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return res.exit_code, res.output
 
 
 @pytest.fixture(scope="module")
@@ -81,57 +74,57 @@ def test_file_selection_keeps_weights_configs_and_tokenizer_only():
     assert headers_only == full - {"model-00001-of-00004.safetensors", "model-00004-of-00004.safetensors"}
 
 
-def test_fresh_machine_offline_error_is_one_actionable_line(online, monkeypatch):
+def test_fresh_machine_offline_error_is_one_actionable_line(online, monkeypatch, run_fuse):
     """No cache, HF_HUB_OFFLINE=1, the real huggingface_hub (nothing patched)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for args in (["merge", RECIPE, "--dry-run"], ["merge", RECIPE, "-o", online.parent / "out"], ["check", RECIPE]):
-        code, out = run(*args)
-        assert code == 2
-        line = one_line_error(out)
+        r = run_fuse(*args, catch_exceptions=False)
+        assert r.exit_code == 2
+        line = one_line_error(r.output)
         assert f"minigemini_slime.yaml: base_model: {BASE_ID}: not (fully) in the local Hugging Face cache" in line
         assert "offline mode is on" in line and f"`hf download {BASE_ID}`" in line
     assert not (online.parent / "out").exists()
 
 
-def test_no_network_gated_and_missing_repos(online, repos, tmp_path, monkeypatch):
+def test_no_network_gated_and_missing_repos(online, repos, tmp_path, monkeypatch, run_fuse):
     hub = FakeHub(dict(repos), network=False).install(monkeypatch)
-    line = one_line_error(run("merge", RECIPE, "--dry-run")[1])
+    line = one_line_error(run_fuse("merge", RECIPE, "--dry-run", catch_exceptions=False).output)
     assert f"base_model: {BASE_ID}: cannot reach the Hugging Face Hub" in line
 
     hub.network, hub.gated = True, {BASE_ID}
-    code, out = run("merge", RECIPE, "-o", tmp_path / "out")
-    line = one_line_error(out)
-    assert code == 2 and f"{BASE_ID}: gated model on the Hugging Face Hub" in line
+    r = run_fuse("merge", RECIPE, "-o", tmp_path / "out", catch_exceptions=False)
+    line = one_line_error(r.output)
+    assert r.exit_code == 2 and f"{BASE_ID}: gated model on the Hugging Face Hub" in line
     assert f"https://huggingface.co/{BASE_ID}" in line and "`hf auth login`" in line and "HF_TOKEN" in line
 
     hub.gated = set()
     del hub.repos[SLIME_ID]
-    line = one_line_error(run("check", RECIPE)[1])
+    line = one_line_error(run_fuse("check", RECIPE, catch_exceptions=False).output)
     assert f"members[1].model: {SLIME_ID}: no such model on the Hugging Face Hub" in line
     assert not (tmp_path / "out").exists() and not list(online.rglob("*.safetensors"))
 
 
-def test_repo_without_safetensors_is_refused(online, repos, tmp_path, monkeypatch):
+def test_repo_without_safetensors_is_refused(online, repos, tmp_path, monkeypatch, run_fuse):
     pickles = tmp_path / "pickles"
     pickles.mkdir()
     (pickles / "config.json").write_text((repos[MGM_ID] / "config.json").read_text())
     (pickles / "pytorch_model.bin").write_bytes(b"pickle")
     FakeHub({**repos, MGM_ID: pickles}).install(monkeypatch)
     for args in (["merge", RECIPE, "--dry-run"], ["merge", RECIPE, "-o", tmp_path / "out", "-q"]):
-        line = one_line_error(run(*args)[1])
+        line = one_line_error(run_fuse(*args, catch_exceptions=False).output)
         assert f"members[0].model: {MGM_ID}: the Hub has no safetensors weights" in line
 
 
-def test_shipped_recipe_check_dry_run_and_merge_through_the_hub(online, repos, tmp_path, monkeypatch, tiny_base):
+def test_shipped_recipe_check_dry_run_and_merge_through_the_hub(online, repos, tmp_path, monkeypatch, tiny_base, run_fuse):
     hub = FakeHub(dict(repos)).install(monkeypatch)
 
     # check + dry run: configs, tokenizer files and safetensors headers only
-    code, out = run("check", RECIPE)
-    assert code == 0, out
-    assert out.count("distance not measured (weights not downloaded)") == 2 and "family check passed" in out
-    code, out = run("merge", RECIPE, "--dry-run", "-o", tmp_path / "out")
-    assert code == 0, out
-    assert "LLM tensors" in out and "to download" in out and "dry run: nothing written" in out
+    r = run_fuse("check", RECIPE, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("distance not measured (weights not downloaded)") == 2 and "family check passed" in r.output
+    r = run_fuse("merge", RECIPE, "--dry-run", "-o", tmp_path / "out", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "LLM tensors" in r.output and "to download" in r.output and "dry run: nothing written" in r.output
     assert not list(online.rglob("*.safetensors")) and not (tmp_path / "out").exists()
     assert all(c["fn"] != "snapshot_download" or c["local_files_only"] or "*.safetensors" not in c["allow"]
                for c in hub.calls)
@@ -139,9 +132,9 @@ def test_shipped_recipe_check_dry_run_and_merge_through_the_hub(online, repos, t
     assert {c["cache"] for c in hub.calls if c["fn"] == "snapshot_download"} == {str(online)}  # HF_HOME respected
 
     # the merge: headers check, then weights + configs + tokenizer files, never pickles or code
-    code, out = run("merge", RECIPE, "-o", tmp_path / "out", "-q")
-    assert code == 0, out
-    assert "family check on configs and headers passed; fetching" in out and f"downloading {MGM_ID}" in out
+    r = run_fuse("merge", RECIPE, "-o", tmp_path / "out", "-q", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "family check on configs and headers passed; fetching" in r.output and f"downloading {MGM_ID}" in r.output
     fetched = set(hub.fetched())
     assert "model.safetensors" in fetched and "tokenizer.json" in fetched and "config.json" in fetched
     assert not [f for f in fetched if f.endswith((".bin", ".pt", ".pth", ".py")) or "/" in f], fetched
@@ -161,34 +154,35 @@ def test_shipped_recipe_check_dry_run_and_merge_through_the_hub(online, repos, t
         m["model"] = str(repos[repo])
     local = tmp_path / "local.yaml"
     local.write_text(yaml.safe_dump(data))
-    code, out = run("merge", local, "-o", tmp_path / "out_local", "-q")
-    assert code == 0, out
+    r = run_fuse("merge", local, "-o", tmp_path / "out_local", "-q", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     a, b = LazyCheckpoint(tmp_path / "out" / "llm"), LazyCheckpoint(tmp_path / "out_local" / "llm")
     assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
 
     # offline again: the cache alone, no hub call that would need the network
     hub.calls.clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, out = run("merge", RECIPE, "-o", tmp_path / "out2", "-q")
-    assert code == 0, out
+    r = run_fuse("merge", RECIPE, "-o", tmp_path / "out2", "-q", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     assert hub.calls and all(c.get("local_files_only") for c in hub.calls)
-    code, out = run("check", RECIPE, "--offline")
-    assert code == 0 and "distance not measured" not in out  # weights cached: the full check runs
+    r = run_fuse("check", RECIPE, "--offline", catch_exceptions=False)
+    assert r.exit_code == 0 and "distance not measured" not in r.output  # weights cached: the full check runs
 
 
-def test_partial_cache_and_cache_dir(online, repos, tmp_path, monkeypatch):
+def test_partial_cache_and_cache_dir(online, repos, tmp_path, monkeypatch, run_fuse):
     """A cache holding configs only (what a check leaves) is not a model: offline use says so."""
     from fuse.hub import local_model
 
     hub = FakeHub(dict(repos)).install(monkeypatch)
     other = tmp_path / "elsewhere"
-    assert run("check", RECIPE, "--cache-dir", other)[0] == 0
+    assert run_fuse("check", RECIPE, "--cache-dir", other, catch_exceptions=False).exit_code == 0
     assert {c["cache"] for c in hub.calls if c["fn"] == "snapshot_download"} == {str(other)}
     assert (FakeHub.repo_folder(other, BASE_ID) / "snapshots").is_dir() and not online.exists()
     assert local_model(BASE_ID, other) is None  # configs only
-    code, out = run("merge", RECIPE, "--offline", "--cache-dir", other, "-o", tmp_path / "out")
-    line = one_line_error(out)
-    assert code == 2 and f"{BASE_ID}: not (fully) in the local Hugging Face cache {other}" in line
+    r = run_fuse("merge", RECIPE, "--offline", "--cache-dir", other, "-o", tmp_path / "out",
+                 catch_exceptions=False)
+    line = one_line_error(r.output)
+    assert r.exit_code == 2 and f"{BASE_ID}: not (fully) in the local Hugging Face cache {other}" in line
 
 
 def test_headers_only_checkpoint_has_facts_but_no_data(tiny_base):

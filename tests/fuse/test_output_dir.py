@@ -15,33 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from click.testing import CliRunner
 
-from fuse.cli import main as fuse_cli
 from fuse.errors import CheckpointError
 from fuse.output_dir import MARKER, atomic_output_dir
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory, tiny_base):
-    from fuse.testing import build_llava_hf_member, build_llava_member
-
-    root = tmp_path_factory.mktemp("outfam")
-    return {"base": Path(tiny_base), "a": build_llava_hf_member(root / "a", tiny_base, seed=1)[0],
-            "b": build_llava_member(root / "b", tiny_base, seed=2)}
-
-
-def recipe(tmp_path: Path, fam: dict, out: Path | str | None = None, members=None, **over) -> Path:
-    data = {"base_model": str(fam["base"]), "members": members or [{"model": str(fam["a"])}, {"model": str(fam["b"])}],
-            "output": {"dir": str(out or tmp_path / "out")}, **over}
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
-def merge(*args):
-    return CliRunner().invoke(fuse_cli, ["merge", *[str(a) for a in args], "-q", "--no-checksums"])
 
 
 def snapshot(path: Path) -> dict:
@@ -66,7 +42,7 @@ def leftovers(parent: Path, name: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- case 1: OUT appears meanwhile
-def test_directory_created_at_out_during_a_merge_is_kept(tmp_path, fam, monkeypatch, one_error):
+def test_directory_created_at_out_during_a_merge_is_kept(tmp_path, monkeypatch, one_error, run_fuse, write_recipe):
     import fuse.merge.run as run
 
     out = tmp_path / "out"
@@ -77,7 +53,7 @@ def test_directory_created_at_out_during_a_merge_is_kept(tmp_path, fam, monkeypa
         return real(*a, **k)
 
     monkeypatch.setattr(run, "save_vision_branches", someone_creates_out)
-    msg = one_error(merge(recipe(tmp_path, fam)))
+    msg = one_error(run_fuse("merge", write_recipe(tmp_path), "-q", "--no-checksums"))
     assert "something was created there while this run was writing; nothing was replaced" in msg
     before = snapshot(user_dir(tmp_path / "expected"))
     assert snapshot(out) == before  # the user's directory is untouched
@@ -96,15 +72,15 @@ def test_a_second_writer_of_the_same_out_fails_at_once(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [MARKER, "first"] and leftovers(tmp_path, "out") == []
 
 
-def test_two_merges_to_one_new_out_at_once(tmp_path, fam, one_error):
+def test_two_merges_to_one_new_out_at_once(tmp_path, one_error, run_fuse, write_recipe):
     """A real second process: while one merge writes OUT, another fails at once with one line; the first
     then completes OUT (before: both ran, and the later finisher silently replaced the first's output)."""
     go = tmp_path / "go"
-    first = _merge_in_child(tmp_path, recipe(tmp_path, fam), f"print('writing', flush=True)\n"
+    first = _merge_in_child(tmp_path, write_recipe(tmp_path), f"print('writing', flush=True)\n"
                             f"            while not os.path.exists({str(go)!r}): time.sleep(0.05)")
     try:
         _wait_for_line(first, "writing")
-        msg = one_error(merge(recipe(tmp_path, fam)))
+        msg = one_error(run_fuse("merge", write_recipe(tmp_path), "-q", "--no-checksums"))
         assert f"another process (pid {first.pid}) is writing this output" in msg
     finally:
         go.touch()
@@ -118,7 +94,7 @@ def test_two_merges_to_one_new_out_at_once(tmp_path, fam, one_error):
 # ----------------------------------------------------------------------------- case 3: --force onto non-outputs
 @pytest.mark.parametrize("kind", ["user dir", "symlink to a user dir", "recipe output.dir is a file",
                                   "current directory", "char device"])
-def test_force_replaces_only_a_directory_fuse_wrote(tmp_path, fam, kind, monkeypatch, one_error):
+def test_force_replaces_only_a_directory_fuse_wrote(tmp_path, kind, monkeypatch, one_error, run_fuse, write_recipe):
     target = tmp_path / "out"
     precious = None
     if kind == "user dir":
@@ -137,10 +113,10 @@ def test_force_replaces_only_a_directory_fuse_wrote(tmp_path, fam, kind, monkeyp
         os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
     before = snapshot(target)
     kept = snapshot(precious) if precious else None
-    rec = recipe(tmp_path, fam)
+    rec = write_recipe(tmp_path)
     args = [rec, "--force"] + ([] if kind == "recipe output.dir is a file" else
                                ["-o", "." if kind == "current directory" else target])
-    msg = one_error(merge(*args))
+    msg = one_error(run_fuse("merge", *args, "-q", "--no-checksums"))
     why = {"user dir": "was not written by this toolkit", "symlink to a user dir": "is a symlink",
            "recipe output.dir is a file": "is a file", "current directory": "is (or contains) the current directory",
            "char device": "is a character device"}[kind]
@@ -183,32 +159,34 @@ def test_force_replaces_an_empty_dir_and_its_own_output(tmp_path):
 
 # ----------------------------------------------------------------------------- paths that cannot be written
 @pytest.mark.parametrize("kind", ["symlink loop", "inside a symlink loop", "parent is a file"])
-def test_unusable_output_paths_are_one_line_errors(tmp_path, fam, kind, one_error):
+def test_unusable_output_paths_are_one_line_errors(tmp_path, kind, one_error, run_fuse, write_recipe):
     loop = tmp_path / "loop"
     loop.symlink_to("loop")
     f = tmp_path / "file"
     f.write_text("x")
     out = {"symlink loop": loop, "inside a symlink loop": loop / "out", "parent is a file": f / "out"}[kind]
     for extra in ([], ["--force"]):
-        msg = one_error(merge(recipe(tmp_path, fam, out=out), *extra))
+        rec = write_recipe(tmp_path, output={"dir": str(out)})
+        msg = one_error(run_fuse("merge", rec, *extra, "-q", "--no-checksums"))
         assert str(out) in msg
     assert os.readlink(loop) == "loop" and f.read_text() == "x"
 
 
-def test_read_only_output_parent(tmp_path, fam, read_only_dir, one_error):
+def test_read_only_output_parent(tmp_path, read_only_dir, one_error, run_fuse, write_recipe):
     earlier = tmp_path / "ro" / "fused"
-    res = merge(recipe(tmp_path, fam), "-o", earlier)
+    rec = write_recipe(tmp_path)
+    res = run_fuse("merge", rec, "-o", earlier, "-q", "--no-checksums")
     assert res.exit_code == 0, res.output
     before = snapshot(earlier)
     with read_only_dir(tmp_path / "ro"):
-        msg = one_error(merge(recipe(tmp_path, fam), "-o", tmp_path / "ro" / "new"))
+        msg = one_error(run_fuse("merge", rec, "-o", tmp_path / "ro" / "new", "-q", "--no-checksums"))
         assert f"cannot write in {tmp_path / 'ro'}" in msg
-        one_error(merge(recipe(tmp_path, fam), "-o", earlier, "--force"))
-        one_error(CliRunner().invoke(fuse_cli, ["demo", "-o", str(tmp_path / "ro" / "demo")]))
+        one_error(run_fuse("merge", rec, "-o", earlier, "--force", "-q", "--no-checksums"))
+        one_error(run_fuse("demo", "-o", tmp_path / "ro" / "demo"))
     assert snapshot(earlier) == before and sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["fused"]
 
 
-def test_disk_full_names_the_output_not_the_temp_dir(tmp_path, monkeypatch, one_error):
+def test_disk_full_names_the_output_not_the_temp_dir(tmp_path, monkeypatch, one_error, run_fuse):
     out = tmp_path / "out"
     with pytest.raises(CheckpointError) as e:
         with atomic_output_dir(out) as tmp:
@@ -225,7 +203,7 @@ def test_disk_full_names_the_output_not_the_temp_dir(tmp_path, monkeypatch, one_
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(builders.ShardedWriter, "close", full)
-    msg = one_error(CliRunner().invoke(fuse_cli, ["demo", "-o", str(tmp_path / "demo")]))
+    msg = one_error(run_fuse("demo", "-o", tmp_path / "demo"))
     assert msg == f"error: {tmp_path / 'demo'}: disk full (no space left on device); nothing was written"
     assert list(tmp_path.iterdir()) == []
 
@@ -256,16 +234,16 @@ def _wait_for_line(p: subprocess.Popen, text: str) -> None:
     raise AssertionError(f"child ended without printing {text!r}: {p.stderr.read()}")
 
 
-def test_sigterm_is_handled_like_ctrl_c(tmp_path, fam):
-    p = _merge_in_child(tmp_path, recipe(tmp_path, fam), "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, write_recipe):
+    p = _merge_in_child(tmp_path, write_recipe(tmp_path), "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)")
     rc, err = p.wait(timeout=300), p.stderr.read()
     assert rc == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM: nothing was left half-written" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
 
 
-def test_sigkill_leftovers_are_removed_and_reported_by_the_next_run(tmp_path, fam):
-    p = _merge_in_child(tmp_path, recipe(tmp_path, fam), "print('writing', flush=True); time.sleep(60)")
+def test_sigkill_leftovers_are_removed_and_reported_by_the_next_run(tmp_path, write_recipe):
+    p = _merge_in_child(tmp_path, write_recipe(tmp_path), "print('writing', flush=True); time.sleep(60)")
     try:
         _wait_for_line(p, "writing")
     finally:
@@ -306,11 +284,11 @@ def test_a_live_writers_temp_dir_is_never_swept(tmp_path):
 
 # ----------------------------------------------------------------------------- case 2: save_pretrained
 @pytest.fixture(scope="module")
-def fused(fam, tmp_path_factory):
+def fused(llava_pair, tmp_path_factory):
     import fuse
     from fuse.testing.fused import build_fused_dir
 
-    return fuse.load(build_fused_dir(tmp_path_factory.mktemp("fz") / "fused", [fam["a"], fam["b"]]))
+    return fuse.load(build_fused_dir(tmp_path_factory.mktemp("fz") / "fused", [llava_pair["a"], llava_pair["b"]]))
 
 
 def test_save_pretrained_never_deletes_other_files(tmp_path, fused):
@@ -334,27 +312,26 @@ def test_save_pretrained_never_deletes_other_files(tmp_path, fused):
 
 
 # ----------------------------------------------------------------------------- case 4: toyworld compare
-def test_toyworld_compare_refuses_an_existing_dir(tmp_path, one_error):
+def test_toyworld_compare_refuses_an_existing_dir(tmp_path, one_error, run_fuse):
     out = tmp_path / "cmp"
     user_dir(out / "test")
     user_dir(out / "fused-linear")
     before = snapshot(out)
     for force in ([], ["--force"]):
         t = time.perf_counter()
-        res = CliRunner().invoke(fuse_cli, ["toyworld", "compare", "-o", str(out), "--limit", "2", *force])
+        res = run_fuse("toyworld", "compare", "-o", out, "--limit", "2", *force)
         assert "exists and was not written by this toolkit" in one_error(res)
         assert snapshot(out) == before and time.perf_counter() - t < 30  # refused before any work
 
 
-def test_toyworld_generate_and_demo_force_only_replace_their_own_output(tmp_path, one_error):
+def test_toyworld_generate_and_demo_force_only_replace_their_own_output(tmp_path, one_error, run_fuse):
     for cmd in (["toyworld", "generate", "--n-train", "4", "--n-test", "4"], ["demo"]):
         out = user_dir(tmp_path / cmd[0])
         before = snapshot(out)
-        msg = one_error(CliRunner().invoke(fuse_cli, [*cmd, "-o", str(out), "--force"]))
+        msg = one_error(run_fuse(*cmd, "-o", out, "--force"))
         assert "exists and was not written by this toolkit" in msg and snapshot(out) == before
-    res = CliRunner().invoke(fuse_cli, ["toyworld", "generate", "--n-train", "4", "--n-test", "4",
-                                        "-o", str(tmp_path / "w")])
+    res = run_fuse("toyworld", "generate", "--n-train", "4", "--n-test", "4", "-o", tmp_path / "w")
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(fuse_cli, ["toyworld", "generate", "--n-train", "4", "--n-test", "4", "--seed", "1",
-                                        "-o", str(tmp_path / "w"), "--force"])
+    res = run_fuse("toyworld", "generate", "--n-train", "4", "--n-test", "4", "--seed", "1", "-o", tmp_path / "w",
+                   "--force")
     assert res.exit_code == 0 and json.loads((tmp_path / "w" / "toyworld.json").read_text())["seed"] == 1

@@ -5,59 +5,27 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 
-from fuse.checkpoint import LazyCheckpoint, ShardedWriter
-from fuse.cli import main as fuse_cli
+from fuse.checkpoint import LazyCheckpoint
 from fuse.errors import CheckpointError, DataError, FuseError, NumericsError
+from fuse.testing import png_bomb, rewrite_weights
 
 
 @pytest.fixture(scope="module")
-def fam(tmp_path_factory, tiny_base):
-    from fuse.testing import build_llava_hf_member, build_llava_member
+def fam(tmp_path_factory, tiny_base, llava_pair):
+    """:func:`llava_pair` plus ``notower`` (a LLaVA member naming its CLIP tower by path) and ``fused``
+    (the pair in the fused layout)."""
+    from fuse.testing import build_llava_member
     from fuse.testing.fused import build_fused_dir
 
     root = tmp_path_factory.mktemp("refusals")
-    a = build_llava_hf_member(root / "a", tiny_base, seed=1)[0]
-    b = build_llava_member(root / "b", tiny_base, seed=2)
-    return {"root": root, "base": Path(tiny_base), "a": a, "b": b,
-            "notower": build_llava_member(root / "notower", tiny_base, seed=3, include_tower=False),
-            "fused": build_fused_dir(root / "fused", [a, b])}
-
-
-def recipe(tmp_path: Path, fam: dict, members=("a", "b"), **over) -> Path:
-    data = {"base_model": str(fam["base"]),
-            "members": [m if isinstance(m, dict) else {"model": str(fam.get(m, m))} for m in members],
-            "output": {"dir": str(tmp_path / "out")}, **over}
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump(data))
-    return p
-
-
-def fuse_run(*args):
-    return CliRunner().invoke(fuse_cli, [str(a) for a in args])
-
-
-def rewrite(src: Path, dst: Path, edit) -> Path:
-    """Copy a checkpoint dir and rewrite its weights with ``edit(state_dict)``."""
-    shutil.copytree(src, dst)
-    sd = LazyCheckpoint(dst).state_dict()
-    edit(sd)
-    for f in dst.glob("*.safetensors*"):
-        f.unlink()
-    w = ShardedWriter(dst)
-    for k, v in sd.items():
-        w.add(k, v)
-    w.close()
-    return dst
+    return {**llava_pair, "notower": build_llava_member(root / "notower", tiny_base, seed=3, include_tower=False),
+            "fused": build_fused_dir(root / "fused", [llava_pair["a"], llava_pair["b"]])}
 
 
 def nan_in(key_part: str):
@@ -68,25 +36,16 @@ def nan_in(key_part: str):
     return edit
 
 
-def png_bomb(path: Path, side: int = 15000) -> Path:
-    """A PNG whose header declares side x side pixels (225 Mpx for 15000): PIL refuses it at open."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-    return path
-
-
 # ------------------------------------------------------------------------------ case 6: NaN/Inf
 @pytest.mark.parametrize("member, layout", [("b", "checkpoint"), ("notower", "module")])
-def test_nan_in_a_members_vision_weights_stops_the_merge(tmp_path, fam, member, layout, one_error):
-    bad = rewrite(fam[member], tmp_path / "nanny", nan_in("mm_projector.0.weight"))
-    msg = one_error(fuse_run("merge", recipe(tmp_path, fam, members=("a", str(bad))), "-q", "--no-checksums"))
+def test_nan_in_a_members_vision_weights_stops_the_merge(tmp_path, fam, member, layout, one_error, run_fuse, write_recipe):
+    bad = rewrite_weights(fam[member], tmp_path / "nanny", nan_in("mm_projector.0.weight"))
+    msg = one_error(run_fuse("merge", write_recipe(tmp_path, members=("a", str(bad))), "-q", "--no-checksums"))
     assert "members[1] (nanny): vision tensor" in msg and "projector.0.weight contains NaN/Inf" in msg
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_generate_and_eval_fail_loudly_on_nan(tmp_path, fam, one_error):
+def test_generate_and_eval_fail_loudly_on_nan(tmp_path, fam, one_error, run_fuse, write_recipe):
     from safetensors.torch import load_file, save_file
 
     from fuse.testing import random_image
@@ -101,11 +60,11 @@ def test_generate_and_eval_fail_loudly_on_nan(tmp_path, fam, one_error):
     save_file(sd, str(f), metadata={"format": "pt"})
     img = tmp_path / "img.png"
     random_image(0, (56, 56)).save(img)
-    msg = one_error(fuse_run("generate", fused, "--image", img, "--prompt", "<image>\nWhat?", "--max-new-tokens", 2))
+    msg = one_error(run_fuse("generate", fused, "--image", img, "--prompt", "<image>\nWhat?", "--max-new-tokens", 2))
     assert "member 'b': its vision branch produced NaN/Inf visual tokens" in msg
     data = tmp_path / "vqa.jsonl"
     data.write_text(json.dumps({"question": "colour?", "image": str(img), "answers": ["red"]}) + "\n")
-    assert "NaN/Inf visual tokens" in one_error(fuse_run("eval", fused, "--task", "vqa", "--data", data))
+    assert "NaN/Inf visual tokens" in one_error(run_fuse("eval", fused, "--task", "vqa", "--data", data))
     # NaN in the LLM itself: every logit is NaN, greedy decoding used to answer "" with exit code 0
     import fuse
 
@@ -117,11 +76,11 @@ def test_generate_and_eval_fail_loudly_on_nan(tmp_path, fam, one_error):
 
 
 # ------------------------------------------------------------------------------ case 7: demo's tower
-def test_demo_member_b_names_a_tower_that_exists_and_a_guess_is_a_warning(tmp_path):
+def test_demo_member_b_names_a_tower_that_exists_and_a_guess_is_a_warning(tmp_path, run_fuse):
     from fuse.members import load_member
 
     out = tmp_path / "demo"
-    res = fuse_run("demo", "-o", out)
+    res = run_fuse("demo", "-o", out)
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "member_b" / "config.json").read_text())
     assert Path(cfg["mm_vision_tower"]) == (out / "member_b-clip").absolute()
@@ -138,12 +97,12 @@ def test_demo_member_b_names_a_tower_that_exists_and_a_guess_is_a_warning(tmp_pa
 
 
 # ------------------------------------------------------------------------------ case 8: derived names
-def test_member_path_ending_in_dotdot_gets_a_real_name(tmp_path, fam):
+def test_member_path_ending_in_dotdot_gets_a_real_name(tmp_path, fam, run_fuse, write_recipe):
     b = tmp_path / "bcopy"
     shutil.copytree(fam["b"], b)
     (b / "sub").mkdir()
-    rec = recipe(tmp_path, fam, members=("a", f"{b}/sub/.."), text={"member": "a"})
-    res = fuse_run("merge", rec, "-q", "--no-checksums")
+    rec = write_recipe(tmp_path, members=("a", f"{b}/sub/.."), text={"member": "a"})
+    res = run_fuse("merge", rec, "-q", "--no-checksums")
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "members").iterdir()) == ["a", "bcopy"]
@@ -162,36 +121,37 @@ def test_member_path_ending_in_dotdot_gets_a_real_name(tmp_path, fam):
 
 
 # ------------------------------------------------------------------------------ case 9: inference section
-def test_inference_section_is_checked_before_merging(tmp_path, fam, one_error):
-    rec = recipe(tmp_path, fam, inference={"token_budget": "squash:3"})
+def test_inference_section_is_checked_before_merging(tmp_path, fam, one_error, run_fuse, write_recipe):
+    rec = write_recipe(tmp_path, inference={"token_budget": "squash:3"})
     for cmd in ("check", "merge"):
-        msg = one_error(fuse_run(cmd, rec, "-q") if cmd == "merge" else fuse_run(cmd, rec))
+        msg = one_error(run_fuse(cmd, rec, "-q") if cmd == "merge" else run_fuse(cmd, rec))
         assert f"{rec}: inference.token_budget: unknown token budget 'squash'" in msg
     assert not (tmp_path / "out").exists()
-    rec = recipe(tmp_path, fam, inference={"budget": "pool:2"})
-    assert "inference: unknown key(s) ['budget']" in one_error(fuse_run("check", rec))
+    rec = write_recipe(tmp_path, inference={"budget": "pool:2"})
+    assert "inference: unknown key(s) ['budget']" in one_error(run_fuse("check", rec))
 
 
-def test_yaml_alias_bomb_is_refused_at_load(tmp_path, fam, one_error):
-    text = recipe(tmp_path, fam).read_text()
+def test_yaml_alias_bomb_is_refused_at_load(tmp_path, fam, one_error, run_fuse, write_recipe):
+    text = write_recipe(tmp_path).read_text()
     bomb = "inference:\n  x0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
     for i in range(1, 9):
         bomb += f"  x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n"  # 9^9 = 387M strings once expanded
     rec = tmp_path / "bomb.yaml"
     rec.write_text(text + bomb)
-    assert "expands to more than 100000 values (YAML aliases?)" in one_error(fuse_run("check", rec))
+    assert "expands to more than 100000 values (YAML aliases?)" in one_error(run_fuse("check", rec))
 
 
 # ------------------------------------------------------------------------------ case 10: mixed dtypes
-def test_members_with_different_dtypes_are_reported(tmp_path, fam):
-    half = rewrite(fam["b"], tmp_path / "b16", lambda sd: sd.update({k: v.to(torch.bfloat16) for k, v in sd.items()}))
-    res = fuse_run("merge", recipe(tmp_path, fam, members=("a", str(half))), "-q", "--no-checksums")
+def test_members_with_different_dtypes_are_reported(tmp_path, fam, run_fuse, write_recipe):
+    half = rewrite_weights(fam["b"], tmp_path / "b16",
+                           lambda sd: sd.update({k: v.to(torch.bfloat16) for k, v in sd.items()}))
+    res = run_fuse("merge", write_recipe(tmp_path, members=("a", str(half))), "-q", "--no-checksums")
     assert res.exit_code == 0, res.output
     assert "warning: " in res.output and "members store different dtypes (a: float32, b16: bfloat16); the merged " \
                                           "LLM is written in a's (float32); set merge.out_dtype" in res.output
     assert LazyCheckpoint(tmp_path / "out" / "llm").dtype("model.norm.weight") == torch.float32
     shutil.rmtree(tmp_path / "out")
-    res = fuse_run("merge", recipe(tmp_path, fam, members=("a", str(half)), merge={"out_dtype": "bfloat16"}), "-q",
+    res = run_fuse("merge", write_recipe(tmp_path, members=("a", str(half)), merge={"out_dtype": "bfloat16"}), "-q",
                    "--no-checksums")
     assert res.exit_code == 0 and "different dtypes" not in res.output
     assert LazyCheckpoint(tmp_path / "out" / "llm").dtype("model.norm.weight") == torch.bfloat16
@@ -205,19 +165,19 @@ def test_members_with_different_dtypes_are_reported(tmp_path, fam):
     (["--sample", "--top-p", "1.5"], "top_p: expected a number in (0, 1], got 1.5"),
     (["--sample", "--seed", str(10 ** 29)], "seed: expected an integer in [0, 2^64)"),
 ])
-def test_generate_options_are_one_line_errors(tmp_path, fam, extra, expected, one_error):
+def test_generate_options_are_one_line_errors(tmp_path, fam, extra, expected, one_error, run_fuse):
     if extra[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     from fuse.testing import random_image
 
     img = tmp_path / "img.png"
     random_image(0, (56, 56)).save(img)
-    msg = one_error(fuse_run("generate", fam["fused"], "--image", img, "--prompt", "<image>\nWhat?",
+    msg = one_error(run_fuse("generate", fam["fused"], "--image", img, "--prompt", "<image>\nWhat?",
                              "--max-new-tokens", 2, *extra))
     assert expected in msg
 
 
-def test_eval_device_cuda_on_a_cpu_build(tmp_path, fam, one_error):
+def test_eval_device_cuda_on_a_cpu_build(tmp_path, fam, one_error, run_fuse):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     from fuse.testing import random_image
@@ -225,7 +185,7 @@ def test_eval_device_cuda_on_a_cpu_build(tmp_path, fam, one_error):
     random_image(0, (56, 56)).save(tmp_path / "x.png")
     data = tmp_path / "vqa.jsonl"
     data.write_text(json.dumps({"question": "colour?", "image": "x.png", "answers": ["red"]}) + "\n")
-    msg = one_error(fuse_run("eval", fam["fused"], "--task", "vqa", "--data", data, "--device", "cuda"))
+    msg = one_error(run_fuse("eval", fam["fused"], "--task", "vqa", "--data", data, "--device", "cuda"))
     assert "--device cuda: CUDA is not available on this machine" in msg
 
 
@@ -258,7 +218,7 @@ def test_api_bad_arguments_raise_fuse_errors(model, call, expected):
     assert expected in str(e.value)
 
 
-def test_api_non_float_dtypes_are_refused(fam):
+def test_api_non_float_dtypes_are_refused(fam, run_fuse):
     import fuse
     from fuse.members import load_member
     from fuse.model import FusedModel
@@ -271,13 +231,13 @@ def test_api_non_float_dtypes_are_refused(fam):
 
 
 # ------------------------------------------------------------------------------ images
-def test_decompression_bomb_image_is_a_data_error(tmp_path, fam, one_error):
+def test_decompression_bomb_image_is_a_data_error(tmp_path, fam, one_error, run_fuse):
     from fuse.images import load_image
 
     bomb = png_bomb(tmp_path / "huge.png")
     with pytest.raises(DataError, match="huge.png: image too large to decode safely"):
         load_image(bomb)
-    assert "image too large" in one_error(fuse_run("generate", fam["fused"], "--image", bomb, "--prompt", "hi"))
+    assert "image too large" in one_error(run_fuse("generate", fam["fused"], "--image", bomb, "--prompt", "hi"))
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -306,13 +266,13 @@ def test_tower_folder_with_only_a_pickle_is_never_unpickled(tmp_path, fam, monke
         load_member(m)
 
 
-def test_misleading_messages_now_name_the_real_problem(tmp_path, fam, one_error):
+def test_misleading_messages_now_name_the_real_problem(tmp_path, fam, one_error, run_fuse, write_recipe):
     # a member dir given to generate: not "fuse_config.json: 'members' is empty"
     from fuse.testing import random_image
 
     img = tmp_path / "img.png"
     random_image(0, (56, 56)).save(img)
-    msg = one_error(fuse_run("generate", fam["a"], "--image", img, "--prompt", "hi"))
+    msg = one_error(run_fuse("generate", fam["a"], "--image", img, "--prompt", "hi"))
     assert "not a fused model (no fuse_config.json; config.json describes a LlavaForConditionalGeneration)" in msg
     # a config without hidden_size: not "hidden_size 4096 != 64"
     m = tmp_path / "nohidden"
@@ -320,7 +280,7 @@ def test_misleading_messages_now_name_the_real_problem(tmp_path, fam, one_error)
     cfg = json.loads((m / "config.json").read_text())
     del cfg["text_config"]["hidden_size"]
     (m / "config.json").write_text(json.dumps(cfg))
-    msg = one_error(fuse_run("merge", recipe(tmp_path, fam, members=("b", str(m))), "-q"))
+    msg = one_error(run_fuse("merge", write_recipe(tmp_path, members=("b", str(m))), "-q"))
     assert "no hidden_size (an integer) in the language model's config" in msg and "4096" not in msg
 
 
