@@ -35,8 +35,11 @@ import torch
 
 from fuse.alignment import CONTROL_DRAWS, random_projector_copy  # the control of `fuse check`
 
+from fuse.devices import resolve_device
+
 from . import metrics as M
-from .features import BranchTokens, ExtractStats, ImageSelection, iter_features, resolve_device
+from .features import BranchTokens, ExtractStats, ImageSelection, iter_features
+from .options import PipelineOptions
 from .report import Report, intake_bullets, heatmap, plt
 from .sources import Sources
 
@@ -180,12 +183,13 @@ class AlignResult:
     verdict: Any = None  # fuse.alignment.AlignmentVerdict (None without controls or with < 2 members)
 
 
-def run_align(sources: Sources, paths: Sequence[Path], *, control: str = "all", batch_size: int = 8,
-              workers: int | None = None, device: str | None = "cpu", cache_dir: str | None = None,
-              seed: int = 0, ridge: float = 1e-4, sample_per_image: int = 32, prompt: str = "Describe the image.",
-              progress: bool = True) -> AlignResult:
-    """Stream every member (and control) over ``paths`` and compute all pairwise figures."""
-    dev = resolve_device(device)
+def run_align(sources: Sources, paths: Sequence[Path], pipeline: PipelineOptions = PipelineOptions(), *,
+              control: str = "all", ridge: float = 1e-4, sample_per_image: int = 32,
+              prompt: str = "Describe the image.") -> AlignResult:
+    """Stream every member (and control) over ``paths`` and compute all pairwise figures (``pipeline``:
+    batch size, workers, device, cache, seed, progress)."""
+    dev = resolve_device(pipeline.device)
+    seed = pipeline.seed
     notes: list[str] = []
     table = sources.embed_table()
     extractors: dict[str, BranchTokens] = {}
@@ -215,8 +219,7 @@ def run_align(sources: Sources, paths: Sequence[Path], *, control: str = "all", 
     cross = {p: CrossStats() for p in cross_pairs}
     layouts: dict[str, Any] = {}
     ex = ExtractStats()
-    for fb in iter_features(paths, extractors, batch_size=batch_size, workers=workers, device=dev,
-                            cache_dir=cache_dir, progress=progress, stats=ex, desc="align"):
+    for fb in iter_features(paths, extractors, **{**pipeline.extraction(), "device": dev}, stats=ex, desc="align"):
         centred: dict[str, torch.Tensor] = {}
         lay: dict[str, list] = {}
         for n in names:

@@ -37,6 +37,7 @@ from fuse.errors import DataError
 
 from . import metrics as M
 from .features import ExtractStats, Extractor, extract
+from .options import PipelineOptions
 from .report import Report, intake_bullets, plt
 
 CANVAS = 48  # canvas cells along the image's long side
@@ -210,7 +211,7 @@ class AttentionMaps(Extractor):
     def key(self) -> str:  # never cached: outputs depend on the question, not only the image
         raise RuntimeError("attention maps are not cached")
 
-    def prepare_at(self, image: Image.Image, index: int) -> tuple[Image.Image, int]:
+    def to_input_at(self, image: Image.Image, index: int) -> tuple[Image.Image, int]:
         return image, index
 
     def collate(self, items: list) -> list:
@@ -276,12 +277,14 @@ class AttentionResult:
     query: str
 
 
-def run_attention(model: Any, samples: Sequence[Sample], *, layers: Any = None, query: str = "answer",
-                  max_new_tokens: int = 16, topk: float = 10.0, batch_size: int = 4, workers: int | None = None,
-                  device: str | None = "cpu", progress: bool = True) -> AttentionResult:
+def run_attention(model: Any, samples: Sequence[Sample], pipeline: PipelineOptions = PipelineOptions(batch_size=4),
+                  *, layers: Any = None, query: str = "answer", max_new_tokens: int = 16,
+                  topk: float = 10.0) -> AttentionResult:
+    """Attention maps of every (image, question) sample; ``pipeline``: batch size, workers, device, progress
+    (maps depend on the question, so there is no feature cache)."""
     ext = AttentionMaps(model, [s.question for s in samples], layers, query, max_new_tokens)
-    idx, outs, stats = extract([s.image for s in samples], ext, batch_size=batch_size, workers=workers,
-                               device=device, progress=progress, desc="attention")
+    idx, outs, stats = extract([s.image for s in samples], ext, **{**pipeline.extraction(), "cache_dir": None},
+                               desc="attention")
     if not idx:
         raise DataError(f"none of the {len(samples)} images could be read")
     members = model.member_names

@@ -27,17 +27,18 @@ import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from fuse.devices import resolve_device
 from fuse.errors import CheckpointError, DataError
 
-from .features import (ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, resolve_device,
-                       tensor_digest)
+from .features import ExtractStats, Extractor, ImageSelection, extract, module_fingerprint, tensor_digest
+from .options import PipelineOptions
 from .report import Report, intake_bullets, plt
 
 
@@ -66,7 +67,7 @@ class PooledEmbedding(Extractor):
             self._key = module_fingerprint(self.encoder, extra)
         return f"{self.encoder.kind}-{self._key}/embedding"
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
+    def to_input(self, image: Image.Image) -> torch.Tensor:
         return self.encoder.preprocess([image])[0]
 
     def run(self, batch: torch.Tensor, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -241,16 +242,17 @@ class BlindResult:
     dino_what: str
 
 
-def run_blind_pairs(paths: Sequence[Path], clip: Extractor, dino: Extractor, *, clip_min: float = 0.95,
-                    dino_max: float = 0.6, block: int = 4096, max_pairs: int = 1_000_000, **pipeline: Any) -> BlindResult:
+def run_blind_pairs(paths: Sequence[Path], clip: Extractor, dino: Extractor,
+                    pipeline: PipelineOptions = PipelineOptions(batch_size=32), *, clip_min: float = 0.95,
+                    dino_max: float = 0.6, block: int = 4096, max_pairs: int = 1_000_000) -> BlindResult:
     """Embed ``paths`` with both extractors (one decode per image) and mine the pairs."""
-    idx, outs, stats = extract(paths, {"clip": clip, "dino": dino}, **pipeline)
+    idx, outs, stats = extract(paths, {"clip": clip, "dino": dino}, **pipeline.extraction())
     if len(idx) < 2:
         raise DataError(f"need at least 2 readable images to form pairs, got {len(idx)}")
     ec = torch.stack([o["clip"]["embedding"] for o in outs])
     ed = torch.stack([o["dino"]["embedding"] for o in outs])
     pairs = mine_pairs(ec, ed, clip_min, dino_max, block=block, max_pairs=max_pairs,
-                       device=resolve_device(pipeline.get("device", "cpu")), progress=pipeline.get("progress", False))
+                       device=resolve_device(pipeline.device), progress=pipeline.progress)
     return BlindResult([Path(paths[i]) for i in idx], ec, ed, pairs, stats,
                        getattr(clip, "what", clip.label), getattr(dino, "what", dino.label))
 

@@ -14,7 +14,10 @@ from typing import Any, Callable
 
 import click
 
-from fuse.cli_utils import parse_dtype
+from fuse.cli_utils import options_from_dataclass
+from fuse.dtypes import parse_dtype
+
+from .options import PipelineOptions
 
 
 def _command_line() -> str:
@@ -22,37 +25,43 @@ def _command_line() -> str:
 
 
 def pipeline_options(default_out: str, default_batch: int = 8) -> Callable:
-    """Options shared by every command that reads images."""
-
-    def deco(fn: Callable) -> Callable:
-        opts = [
-            click.option("--images", "images", required=True, type=click.Path(), help="Directory of images (recursive)."),
-            click.option("-o", "--output", "out", default=default_out, show_default=True, type=click.Path(),
-                         help="Report directory."),
-            click.option("--force", is_flag=True, help="Replace an existing report directory."),
-            click.option("--batch-size", default=default_batch, show_default=True, type=click.IntRange(1)),
-            click.option("--workers", default=None, type=click.IntRange(0),
-                         help="Image-decoding worker processes [default: min(4, cores-1)]."),
-            click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:N or auto."),
-            click.option("--dtype", default=None, help="Model dtype (float32, float16, bfloat16) [default: as stored]."),
-            click.option("--cache", "cache_dir", default=None, type=click.Path(),
-                         help="Feature cache directory (safetensors per image; re-runs are instant)."),
-            click.option("--seed", default=0, show_default=True, type=int),
-            click.option("-q", "--quiet", is_flag=True, help="No progress bars."),
-        ]
-        for o in reversed(opts):
-            fn = o(fn)
-        return fn
-
-    return deco
+    """The flags every command that reads images shares (:class:`~analysis.options.PipelineOptions`'s
+    fields), with this command's default report directory and batch size; the command gets them as
+    one ``pipeline`` argument."""
+    return options_from_dataclass(PipelineOptions, param="pipeline", out=default_out, batch_size=default_batch)
 
 
-def _quiet(quiet: bool) -> None:
+def _inputs(pipeline: PipelineOptions, **named: str | None) -> list[tuple[str, str | None]]:
+    """What a report command reads, for the output-overlap check: a report is never written over (or
+    around) its inputs, even with --force. A recipe SOURCE adds its members and base model."""
+    out: list[tuple[str, str | None]] = [("--images", pipeline.images), ("--cache", pipeline.cache_dir),
+                                         *named.items()]
+    src = named.get("SOURCE")
+    if src and str(src).endswith((".yaml", ".yml")) and Path(src).is_file():
+        from fuse.recipe import load_recipe
+
+        r = load_recipe(src)
+        out += [(f"{src}: members[{i}].model", m.model) for i, m in enumerate(r.members) if Path(m.model).exists()]
+        out += [(f"{src}: base_model", r.base_model)] if r.base_model and Path(r.base_model).exists() else []
+    return out
+
+
+def _quiet(pipeline: PipelineOptions) -> None:
     """-q also silences transformers' weight-loading progress bars."""
-    if quiet:
+    if not pipeline.progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def _select(pipeline: PipelineOptions, n: int | None):
+    """The images to read (``n`` of ``--images``, seeded), with a warning when there are fewer."""
+    from .features import select_images
+
+    sel = select_images(pipeline.images, n, pipeline.seed)
+    if sel.note:
+        click.echo(f"warning: {sel.note}", err=True)
+    return sel
 
 
 def _done(out: Path, extra: str = "") -> None:
@@ -70,29 +79,23 @@ def _done(out: Path, extra: str = "") -> None:
 @click.option("--prompt", default="Describe the image.", show_default=True,
               help="Prompt for text-conditioned vision branches.")
 @pipeline_options("reports/align")
-def align_cmd(source: str, n: int, control: str, ridge: float, prompt: str, images: str, out: str, force: bool,
-              batch_size: int, workers: int | None, device: str, dtype: str | None, cache_dir: str | None, seed: int,
-              quiet: bool) -> None:
+def align_cmd(source: str, n: int, control: str, ridge: float, prompt: str, pipeline: PipelineOptions) -> None:
     """Visual-token alignment between members.
 
     SOURCE: a recipe .yaml (members need not be fused) or a fused directory (`fuse merge` output).
     """
     from .align import build_report, run_align
-    from .features import select_images
     from .report import Report
     from .sources import load_sources
 
-    Report.check_output(out, force)
-    _quiet(quiet)
-    sel = select_images(images, n, seed)
-    if sel.note:
-        click.echo(f"warning: {sel.note}", err=True)
-    src = load_sources(source, dtype=parse_dtype(dtype))
-    res = run_align(src, sel.paths, control=control, batch_size=batch_size, workers=workers, device=device,
-                    cache_dir=cache_dir, seed=seed, ridge=ridge, prompt=prompt, progress=not quiet)
+    Report.check_output(pipeline.out, pipeline.force, _inputs(pipeline, SOURCE=source))
+    _quiet(pipeline)
+    sel = _select(pipeline, n)
+    src = load_sources(source, dtype=parse_dtype(pipeline.dtype))
+    res = run_align(src, sel.paths, pipeline, control=control, ridge=ridge, prompt=prompt)
     _warn_skipped(res.extract)
-    build_report(res, src, sel, _command_line()).write(out, force=force)
-    _done(Path(out))
+    build_report(res, src, sel, _command_line()).write(pipeline.out, force=pipeline.force)
+    _done(Path(pipeline.out))
 
 
 def _warn_skipped(stats: Any) -> None:
@@ -115,31 +118,26 @@ def _warn_skipped(stats: Any) -> None:
               help="Keep at most this many pairs (largest CLIP-DINO gap).")
 @pipeline_options("reports/blind-pairs", default_batch=32)
 def blind_pairs_cmd(clip_src: str, dino_src: str, clip_kind: str, dino_kind: str, clip_min: float, dino_max: float,
-                    n: int | None, top: int, block: int, max_pairs: int, images: str, out: str, force: bool,
-                    batch_size: int, workers: int | None, device: str, dtype: str | None, cache_dir: str | None,
-                    seed: int, quiet: bool) -> None:
+                    n: int | None, top: int, block: int, max_pairs: int, pipeline: PipelineOptions) -> None:
     """Mine CLIP-blind image pairs (MMVP).
 
     Pairs with CLIP cosine > --clip-min and DINO cosine < --dino-max.
     """
     from .blind_pairs import build_embedder, build_report, run_blind_pairs
-    from .features import select_images
     from .report import Report
 
-    Report.check_output(out, force)
-    _quiet(quiet)
-    sel = select_images(images, n, seed)
-    if sel.note:
-        click.echo(f"warning: {sel.note}", err=True)
-    dt = parse_dtype(dtype)
+    Report.check_output(pipeline.out, pipeline.force, _inputs(pipeline, **{"--clip": clip_src, "--dino": dino_src}))
+    _quiet(pipeline)
+    sel = _select(pipeline, n)
+    dt = parse_dtype(pipeline.dtype)
     clip = build_embedder(clip_kind, clip_src, dtype=dt)
     dino = build_embedder(dino_kind, dino_src, dtype=dt)
-    res = run_blind_pairs(sel.paths, clip, dino, clip_min=clip_min, dino_max=dino_max, block=block,
-                          max_pairs=max_pairs, batch_size=batch_size, workers=workers, device=device,
-                          cache_dir=cache_dir, progress=not quiet)
+    res = run_blind_pairs(sel.paths, clip, dino, pipeline, clip_min=clip_min, dino_max=dino_max, block=block,
+                          max_pairs=max_pairs)
     _warn_skipped(res.stats)
-    build_report(res, sel, clip_min, dino_max, top, _command_line(), root=Path(images)).write(out, force=force)
-    _done(Path(out), f"; {res.pairs.found} pair(s), CSV in {out}/pairs.csv")
+    report = build_report(res, sel, clip_min, dino_max, top, _command_line(), root=Path(pipeline.images))
+    report.write(pipeline.out, force=pipeline.force)
+    _done(Path(pipeline.out), f"; {res.pairs.found} pair(s), CSV in {pipeline.out}/pairs.csv")
 
 
 @click.command("layers")
@@ -152,28 +150,23 @@ def blind_pairs_cmd(clip_src: str, dino_src: str, clip_kind: str, dino_kind: str
 @click.option("--max-tokens", default=2048, show_default=True, type=click.IntRange(3),
               help="Total token samples per layer (--pool tokens).")
 @pipeline_options("reports/layers")
-def layers_cmd(kind: str, model: str | None, config: str | None, n: int, pool: str, max_tokens: int, images: str,
-               out: str, force: bool, batch_size: int, workers: int | None, device: str, dtype: str | None,
-               cache_dir: str | None, seed: int, quiet: bool) -> None:
+def layers_cmd(kind: str, model: str | None, config: str | None, n: int, pool: str, max_tokens: int,
+               pipeline: PipelineOptions) -> None:
     """Linear CKA between an encoder's layers.
 
     Every pair of layers and each layer to the last one (COMM's analysis).
     """
-    from .features import select_images
     from .layers import build_report, load_encoder, run_layers
     from .report import Report
 
-    Report.check_output(out, force)
-    _quiet(quiet)
-    enc = load_encoder(kind, model, config, dtype=parse_dtype(dtype))
-    sel = select_images(images, n, seed)
-    if sel.note:
-        click.echo(f"warning: {sel.note}", err=True)
-    res = run_layers(sel.paths, enc, pool=pool, max_tokens=max_tokens, seed=seed, batch_size=batch_size,
-                     workers=workers, device=device, cache_dir=cache_dir, progress=not quiet)
+    Report.check_output(pipeline.out, pipeline.force, _inputs(pipeline, **{"--model": model, "--config": config}))
+    _quiet(pipeline)
+    enc = load_encoder(kind, model, config, dtype=parse_dtype(pipeline.dtype))
+    sel = _select(pipeline, n)
+    res = run_layers(sel.paths, enc, pipeline, pool=pool, max_tokens=max_tokens)
     _warn_skipped(res.stats)
-    build_report(res, sel, model or f"config {config}", _command_line()).write(out, force=force)
-    _done(Path(out))
+    build_report(res, sel, model or f"config {config}", _command_line()).write(pipeline.out, force=pipeline.force)
+    _done(Path(pipeline.out))
 
 
 def _parse_layers(spec: str) -> list[int] | None:
@@ -203,36 +196,34 @@ def _parse_layers(spec: str) -> list[int] | None:
               help="Samples with overlay figures.")
 @pipeline_options("reports/attention", default_batch=4)
 def attention_cmd(fused_dir: str, questions: str, n: int | None, layers_spec: str, query: str, max_new_tokens: int,
-                  topk: float, max_figures: int, images: str, out: str, force: bool, batch_size: int,
-                  workers: int | None, device: str, dtype: str | None, cache_dir: str | None, seed: int,
-                  quiet: bool) -> None:
+                  topk: float, max_figures: int, pipeline: PipelineOptions) -> None:
     """Attention-region divergence between members.
 
     FUSED_DIR: a fused model directory (`fuse merge` output).
     """
     from .attention import build_report, read_questions, run_attention
-    from .features import resolve_device
+    from fuse.devices import resolve_device
     from .report import Report
     from .sources import require_fused
 
-    Report.check_output(out, force)
-    _quiet(quiet)
+    Report.check_output(pipeline.out, pipeline.force,
+                        _inputs(pipeline, FUSED_DIR=fused_dir, **{"--questions": questions}))
+    _quiet(pipeline)
     root = require_fused(fused_dir)
     layers = _parse_layers(layers_spec)
-    samples, note = read_questions(questions, images, n, seed)
+    samples, note = read_questions(questions, pipeline.images, n, pipeline.seed)
     if note:
         click.echo(f"warning: {note}", err=True)
-    if cache_dir:
+    if pipeline.cache_dir:
         click.echo("note: --cache is not used by attention (maps depend on the question)", err=True)
     from fuse.model import FusedModel
 
-    dev = resolve_device(device)
-    model = FusedModel.from_pretrained(root, dtype=parse_dtype(dtype), device=dev)
-    res = run_attention(model, samples, layers=layers, query=query, max_new_tokens=max_new_tokens, topk=topk,
-                        batch_size=batch_size, workers=workers, device=dev, progress=not quiet)
+    model = FusedModel.from_pretrained(root, dtype=parse_dtype(pipeline.dtype), device=resolve_device(pipeline.device))
+    res = run_attention(model, samples, pipeline, layers=layers, query=query, max_new_tokens=max_new_tokens, topk=topk)
     _warn_skipped(res.stats)
-    build_report(res, str(root), note, _command_line(), max_figures, root=Path(images)).write(out, force=force)
-    _done(Path(out))
+    report = build_report(res, str(root), note, _command_line(), max_figures, root=Path(pipeline.images))
+    report.write(pipeline.out, force=pipeline.force)
+    _done(Path(pipeline.out))
 
 
 COMMANDS: list[click.Command] = [align_cmd, attention_cmd, blind_pairs_cmd, layers_cmd]

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fuse.devices import resolve_device
 from fuse.errors import DataError
 from fuse.images import list_images, load_image
 
@@ -79,8 +80,8 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # Extractors
 # ---------------------------------------------------------------------------
 class Extractor:
-    """What to compute per image. ``prepare`` runs in worker processes (PIL -> tensors, no
-    batch dim); ``collate`` batches prepared items; ``run`` maps a batch to one
+    """What to compute per image. ``to_input`` runs in worker processes (PIL -> tensors, no
+    batch dim); ``collate`` batches those inputs; ``run`` maps a batch to one
     :data:`Outputs` dict per image (CPU tensors). ``key`` names the computation for the cache."""
 
     label: str = "features"
@@ -89,12 +90,12 @@ class Extractor:
     def key(self) -> str:
         raise NotImplementedError
 
-    def prepare(self, image: Image.Image) -> Any:
+    def to_input(self, image: Image.Image) -> Any:
         raise NotImplementedError
 
-    def prepare_at(self, image: Image.Image, index: int) -> Any:
-        """``prepare`` for the ``index``-th input (override when the item matters, e.g. its question)."""
-        return self.prepare(image)
+    def to_input_at(self, image: Image.Image, index: int) -> Any:
+        """``to_input`` for the ``index``-th input (override when the item matters, e.g. its question)."""
+        return self.to_input(image)
 
     def collate(self, items: list[Any]) -> Any:
         return torch.stack(items)
@@ -139,7 +140,7 @@ class EncoderFeatures(Extractor):
         tok = "" if self.tokens is None else "-tok" + hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()[:12]
         return f"{self.encoder.kind}-{self._key}/layers{'_'.join(map(str, self.layers))}-{self.select}-{self.pool}{tok}"
 
-    def prepare(self, image: Image.Image) -> torch.Tensor:
+    def to_input(self, image: Image.Image) -> torch.Tensor:
         return self.encoder.preprocess([image])[0]
 
     def run(self, batch: torch.Tensor, device: torch.device) -> list[Outputs]:
@@ -155,7 +156,7 @@ class EncoderFeatures(Extractor):
         return [self.encoder]
 
 
-def merge_prepared(items: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_inputs(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch per-image ``VisionBranch.preprocess`` outputs (each computed for one image).
 
     Tensors are concatenated on dim 0 (their batch dim), lists concatenated, other values
@@ -210,11 +211,11 @@ class BranchTokens(Extractor):
             self._key = module_fingerprint(self.branch, {"kind": self.branch.kind, "text": te})
         return f"{self.branch.kind}-{self._key}/tokens"
 
-    def prepare(self, image: Image.Image) -> dict[str, Any]:
+    def to_input(self, image: Image.Image) -> dict[str, Any]:
         return self.branch.preprocess([image])
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return merge_prepared(items)
+        return merge_inputs(items)
 
     def run(self, batch: dict[str, Any], device: torch.device) -> list[Outputs]:
         batch = _batch_to(batch, device)
@@ -281,12 +282,12 @@ class _Item:
     index: int
     bad: str | None = None  # reason when the image could not be read
     cached: dict[str, Outputs] = field(default_factory=dict)  # extractor name -> cached outputs
-    new: dict[str, Any] = field(default_factory=dict)  # extractor name -> prepared input
+    new: dict[str, Any] = field(default_factory=dict)  # extractor name -> its input (to_input)
     digest: str | None = None
 
 
 class _ImageFiles(Dataset):
-    """Runs in the workers: hash, cache look-up, decode (once per image), per-extractor prepare."""
+    """Runs in the workers: hash, cache look-up, decode (once per image), per-extractor to_input."""
 
     def __init__(self, paths: Sequence[Path], extractors: dict[str, Extractor], caches: dict[str, FeatureCache]):
         self.paths, self.extractors, self.caches = list(paths), extractors, caches
@@ -314,7 +315,7 @@ class _ImageFiles(Dataset):
             except DataError as e:
                 item.bad, item.cached = str(e), {}
                 return item
-            item.new = {n: self.extractors[n].prepare_at(img, i) for n in missing}
+            item.new = {n: self.extractors[n].to_input_at(img, i) for n in missing}
         return item
 
 
@@ -372,23 +373,8 @@ class FeatureBatch:
     outputs: list[Any]
 
 
-def default_workers() -> int:
+def decode_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> cuda if available else cpu; anything else must be a valid torch device."""
-    from fuse.errors import FuseError
-
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise FuseError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FuseError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def iter_features(paths: Sequence[str | os.PathLike], extractor: Extractor | dict[str, Extractor], *,
@@ -412,7 +398,7 @@ def iter_features(paths: Sequence[str | os.PathLike], extractor: Extractor | dic
     stats = stats if stats is not None else ExtractStats()
     stats.requested += len(paths)
     caches = {n: FeatureCache(cache_dir, e.key) for n, e in extractors.items()} if cache_dir is not None else {}
-    workers = default_workers() if workers is None else workers
+    workers = decode_workers() if workers is None else workers
     ds = _ImageFiles([Path(p) for p in paths], extractors, caches)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=_Collate(extractors), prefetch_factor=4 if workers > 0 else None)

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from fuse.errors import DataError, FormatError
 
 from . import metrics as M
 from .features import EncoderFeatures, ExtractStats, ImageSelection, iter_features
+from .options import PipelineOptions
 from .report import Report, intake_bullets, heatmap, plt
 
 VIT_KINDS = ("clip", "siglip", "dinov2")
@@ -81,9 +82,10 @@ def token_positions(n_tokens: int, k: int, seed: int) -> list[int]:
     return sorted(torch.randperm(n_tokens, generator=g)[:k].tolist())
 
 
-def run_layers(paths: Sequence[Path], encoder, *, pool: str = "tokens", max_tokens: int = 2048, seed: int = 0,
-               **pipeline: Any) -> LayersResult:
-    """Hidden states of every layer over ``paths`` -> linear CKA matrix between layers."""
+def run_layers(paths: Sequence[Path], encoder, pipeline: PipelineOptions = PipelineOptions(), *, pool: str = "tokens",
+               max_tokens: int = 2048) -> LayersResult:
+    """Hidden states of every layer over ``paths`` -> linear CKA matrix between layers (``pipeline.seed``
+    picks the sampled token positions)."""
     if pool not in ("tokens", "mean"):
         raise ValueError(f"pool must be 'tokens' or 'mean', got {pool!r}")
     n_states = encoder.num_layers + 1
@@ -92,12 +94,12 @@ def run_layers(paths: Sequence[Path], encoder, *, pool: str = "tokens", max_toke
     per_image = None
     if pool == "tokens":
         per_image = max(1, min(gh * gw, math.ceil(max_tokens / max(1, len(paths)))))
-        ext = EncoderFeatures(encoder, layers, "patch", tokens=token_positions(gh * gw, per_image, seed))
+        ext = EncoderFeatures(encoder, layers, "patch", tokens=token_positions(gh * gw, per_image, pipeline.seed))
     else:
         ext = EncoderFeatures(encoder, layers, "patch", pool="mean")
     stats = ExtractStats()
     chunks: list[torch.Tensor] = []
-    for fb in iter_features(paths, ext, stats=stats, desc=f"{encoder.kind} layers", **pipeline):
+    for fb in iter_features(paths, ext, stats=stats, desc=f"{encoder.kind} layers", **pipeline.extraction()):
         for o in fb.outputs:
             f = o["features"]  # [L, k, D] or [L, D]
             chunks.append(f if f.dim() == 3 else f[:, None])

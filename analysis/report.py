@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fuse.checkpoint import atomic_output_dir  # noqa: E402
+from fuse.output_dir import atomic_output_dir, check_output  # noqa: E402
 
 FIG_DIR = "figures"
 
@@ -191,12 +191,11 @@ class Report:
                           indent=2, allow_nan=False)
 
     @staticmethod
-    def check_output(out_dir: str | os.PathLike, force: bool = False) -> None:
-        """Fail early (before any work) when ``out_dir`` exists and ``force`` is not set."""
-        from fuse.errors import CheckpointError
-
-        if Path(out_dir).exists() and not force:
-            raise CheckpointError(f"{out_dir}: output exists (use --force to replace it)")
+    def check_output(out_dir: str | os.PathLike, force: bool = False, inputs: Sequence[tuple[str, Any]] = ()) -> None:
+        """Fail early (before any work) when ``out_dir`` may not be written (exists without ``force``;
+        with ``force``, anything but an empty directory or an earlier output of this toolkit; or it
+        overlaps one of ``inputs``, e.g. the fused model or the images the report reads)."""
+        check_output(out_dir, force, inputs)
 
     def write(self, out_dir: str | os.PathLike, force: bool = False) -> Path:
         """Write everything into ``out_dir`` atomically (refuses an existing dir without ``force``)."""

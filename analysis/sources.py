@@ -18,10 +18,10 @@ from typing import Any, Callable
 import torch
 
 from fuse.checkpoint import LazyCheckpoint, read_json
-from fuse.errors import CheckpointError, DataError, RecipeError
+from fuse.errors import CheckpointError, DataError
+from fuse.fused_layout import FUSE_CONFIG, LLM_DIR, member_dir
 
 EMBED_KEY = "model.embed_tokens.weight"
-FUSE_CONFIG = "fuse_config.json"
 
 
 @dataclass
@@ -52,67 +52,14 @@ def is_recipe(path: str | os.PathLike) -> bool:
 
 
 def recipe_members(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """``[{"name", "source", "format", "options"}]`` (member order) and the base model of a recipe.
+    """``[{"name", "source", "format", "options"}]`` (member order) and the base model of a recipe, read
+    with :func:`fuse.recipe.load_recipe` (relative paths resolved, members named as ``fuse merge`` names them)."""
+    from fuse.recipe import load_recipe
 
-    Reads the recipe with :func:`fuse.recipe.load_recipe` (the schema owner: relative paths,
-    names de-duplicated exactly as ``fuse merge`` names them). Only while ``fuse.recipe`` cannot
-    be imported (or its merge-method table is missing) the ``members:`` list is read minimally.
-    """
-    try:
-        from fuse.recipe import load_recipe
-    except ModuleNotFoundError:
-        return _minimal_recipe(path)
-    try:
-        r = load_recipe(path)
-    except ModuleNotFoundError as e:  # fuse.merge not installed yet: schema check unavailable
-        if not (e.name or "").startswith("fuse."):
-            raise
-        return _minimal_recipe(path)
-    names = r.member_names()
+    r = load_recipe(path)
     out = [{"name": n, "source": m.model, "format": m.format, "options": dict(m.options)}
-           for n, m in zip(names, r.members)]
+           for n, m in zip(r.member_names(), r.members)]
     return out, r.base_model
-
-
-def _minimal_recipe(path: Path) -> tuple[list[dict[str, Any]], str | None]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("members"), list) or not data["members"]:
-        raise RecipeError(f"{path}: members: expected a non-empty list of member checkpoints")
-    out = []
-    for i, m in enumerate(data["members"]):
-        if not isinstance(m, dict) or not m.get("model"):
-            raise RecipeError(f"{path}: members[{i}].model: required field is missing")
-        src = str(m["model"])
-        if not Path(src).is_absolute() and (path.parent / src).exists():
-            src = str(path.parent / src)
-        out.append({"name": m.get("name"), "source": src, "format": m.get("format", "auto"),
-                    "options": dict(m.get("options") or {})})
-    base = data.get("base_model")
-    if base and not Path(str(base)).is_absolute() and (path.parent / str(base)).exists():
-        base = str(path.parent / str(base))
-    return _dedupe_names(out), (str(base) if base else None)
-
-
-def _dedupe_names(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    taken = {m["name"] for m in members if m.get("name")}
-    names: list[str] = []
-    for m in members:
-        if m.get("name"):
-            names.append(m["name"])
-            continue
-        stem = Path(m["source"].rstrip("/")).name or "member"
-        cand, k = stem, 1
-        while cand in names or cand in taken:
-            k += 1
-            cand = f"{stem}-{k}"
-        names.append(cand)
-        m["name"] = cand
-    return members
 
 
 def load_sources(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Sources:
@@ -142,13 +89,13 @@ def _fused_sources(p: Path, dtype: torch.dtype | None) -> Sources:
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "name" not in e:
             raise CheckpointError(f"{p / FUSE_CONFIG}: members[{i}]: expected an object with 'name' and 'dir'")
-        d = p / e.get("dir", f"members/{e['name']}")
+        d = p / e.get("dir", member_dir(e["name"]))
         if not d.is_dir():
             raise CheckpointError(f"{d}: vision branch of member {e['name']!r} is missing")
         branch, vcfg = load_vision_branch(d, dtype=dtype)
         text = TextSide.from_dict(vcfg["text"]) if isinstance(vcfg.get("text"), dict) else None
         members.append(MemberSource(e["name"], branch, text))
-    llm = p / "llm"
+    llm = p / LLM_DIR
 
     def table() -> torch.Tensor:
         return LazyCheckpoint(llm).get(EMBED_KEY)

@@ -30,7 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.features import EncoderFeatures, default_workers, extract  # noqa: E402
+from analysis.features import EncoderFeatures, decode_workers, extract  # noqa: E402
 from fuse.encoders import build_encoder  # noqa: E402
 from fuse.images import list_images, load_image  # noqa: E402
 
@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--target", type=float, default=0.9)
     args = ap.parse_args()
-    workers = default_workers() if args.workers is None else args.workers
+    workers = decode_workers() if args.workers is None else args.workers
     torch.manual_seed(0)
     enc = build_encoder("clip", config=SIZES[args.size])
     layers = [-2]

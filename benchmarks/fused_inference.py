@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from fuse.dtypes import MODEL_DTYPES, torch_dtype
 from fuse.model import FusedModel
 from fuse.testing import build_base_llm, build_llava_hf_member, build_llava_member, random_image
 from fuse.testing.fused import build_fused_dir
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="float32", choices=MODEL_DTYPES)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--clock", choices=list(CLOCKS), default=None,
                     help="cpu = process CPU time (default on CPU: unaffected by other processes sharing the "
@@ -131,7 +132,7 @@ def main() -> None:
     global CLOCK
     clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     CLOCK = CLOCKS[clock]
-    dtype = getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [bench(s, args.batch, args.rounds, args.device, dtype) for s in args.sizes.split(",")]

@@ -8,21 +8,16 @@ at a time.
 
 Writing: :class:`ShardedWriter` appends tensors into shards of at most
 ``max_shard_bytes``; shards are flushed as they fill, so at most one shard's
-worth of tensors is buffered. Everything goes to a temporary sibling directory
-that is renamed into place on :meth:`ShardedWriter.close` (see
-:func:`atomic_output_dir`), so a crash or Ctrl-C never leaves a half-written
-output.
+worth of tensors is buffered. Callers write into the temporary directory of
+:func:`fuse.output_dir.atomic_output_dir`, renamed into place when complete, so a
+crash or Ctrl-C never leaves a half-written output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,11 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import CheckpointError
+from .units import parse_size  # noqa: F401  (re-exported: fuse.checkpoint.parse_size)
+from .output_dir import atomic_output_dir  # noqa: F401  (its former home: old imports keep working)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {  # header code -> torch dtype (None: not in this torch build)
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
@@ -63,11 +60,6 @@ class TensorInfo:
     def row_bytes(self) -> int:
         """Bytes of one row (first axis) of the stored tensor; 0 for a scalar or empty first axis."""
         return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
-
-
-def _read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header; raise CheckpointError naming the file if bad."""
-    return _read_header_and_start(path)[0]
 
 
 def _read_header_and_start(path: Path) -> tuple[dict, int]:
@@ -110,19 +102,42 @@ class LazyCheckpoint:
         self.path = Path(path)
         self._info: dict[str, TensorInfo] = {}
         self._metadata: dict[str, str] = {}
+        self.has_data = True
         for f in self._resolve_files(files):
-            header, data_start = _read_header_and_start(f)
-            self._metadata.update(header.get("__metadata__") or {})
-            for key, v in header.items():
-                if key == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(v["dtype"])
-                if dtype is None:
-                    raise CheckpointError(f"{f}: tensor {key} has unsupported dtype {v['dtype']}")
-                start, stop = v["data_offsets"]
-                if key in self._info:
-                    raise CheckpointError(f"{f}: tensor {key} also stored in {self._info[key].file}")
-                self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start, data_start + start)
+            self._add_header(f, *_read_header_and_start(f))
+
+    @classmethod
+    def from_headers(cls, path: str | os.PathLike, headers: dict[str, dict]) -> "LazyCheckpoint":
+        """A checkpoint known by its safetensors headers only (``{file name in path: header}``,
+        e.g. fetched from the Hugging Face Hub): every header fact, no tensor data
+        (``has_data`` False; reading a tensor raises CheckpointError)."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._info, self._metadata, self.has_data = {}, {}, False
+        for name in sorted(headers):
+            self._add_header(self.path / name, headers[name], -1)
+        return self
+
+    def _add_header(self, f: Path, header: dict, data_start: int) -> None:
+        self._metadata.update(header.get("__metadata__") or {})
+        for key, v in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = SAFETENSORS_DTYPES.get(v["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{f}: tensor {key} has unsupported dtype {v['dtype']}")
+            start, stop = v["data_offsets"]
+            if key in self._info:
+                raise CheckpointError(f"{f}: tensor {key} also stored in {self._info[key].file}")
+            self._info[key] = TensorInfo(key, f, dtype, tuple(v["shape"]), stop - start,
+                                         data_start + start if data_start >= 0 else -1)
+
+    def _require_data(self, key: str) -> TensorInfo:
+        info = self.info(key)
+        if not self.has_data:
+            raise CheckpointError(f"{info.file}: tensor {key} is not downloaded (only the safetensors headers "
+                                  "were fetched)")
+        return info
 
     def _resolve_files(self, files: list[str] | None) -> list[Path]:
         p = self.path
@@ -136,8 +151,11 @@ class LazyCheckpoint:
             try:
                 index = json.loads((p / INDEX_NAME).read_text())
                 names = sorted(set(index["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{p / INDEX_NAME}: not a valid index (needs a 'weight_map' object)") from None
+            for n in names:  # a file name inside this folder (HF cache symlinks may point elsewhere: fine)
+                if not isinstance(n, str) or Path(n).is_absolute() or ".." in Path(n).parts or not n:
+                    raise CheckpointError(f"{p / INDEX_NAME}: shard {n!r} is not a file name inside {p}")
             out = [p / n for n in names]
         elif (p / SINGLE_NAME).exists():
             out = [p / SINGLE_NAME]
@@ -186,7 +204,7 @@ class LazyCheckpoint:
     # -- data ---------------------------------------------------------------
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read one tensor (an owned copy), optionally cast to ``dtype``."""
-        info = self.info(key)
+        info = self._require_data(key)
         try:
             with safe_open(str(info.file), framework="pt", device="cpu") as fh:
                 t = fh.get_tensor(key)
@@ -198,7 +216,7 @@ class LazyCheckpoint:
 
     def get_rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read rows ``[start, stop)`` of one tensor (first axis) without touching the others."""
-        info = self.info(key)
+        info = self._require_data(key)
         if not (0 <= start <= stop <= (info.shape[0] if info.shape else 0)):
             raise CheckpointError(f"{info.file}: rows {start}:{stop} out of range for {key} {list(info.shape)}")
         try:
@@ -215,7 +233,7 @@ class LazyCheckpoint:
         keys = list(self._info) if keys is None else keys
         by_file: dict[Path, list[str]] = {}
         for k in keys:
-            by_file.setdefault(self.info(k).file, []).append(k)
+            by_file.setdefault(self._require_data(k).file, []).append(k)
         for f, ks in by_file.items():
             with safe_open(str(f), framework="pt", device="cpu") as fh:
                 for k in ks:
@@ -229,46 +247,6 @@ class LazyCheckpoint:
         return out
 
 
-def parse_size(size: str | int) -> int:
-    """'5GB' / '500MB' / '2GiB' / 1234 -> bytes."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.I)
-    if not m:
-        raise CheckpointError(f"shard size {size!r}: expected a number of bytes like '5GB' or '500MB'")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), bool(m.group(3))
-    base = 1024 if binary else 1000
-    return int(num * base ** "_KMGT".index(unit or "_"))
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out``; rename it to ``out`` on success.
-
-    An existing ``out`` is refused unless ``force``; with ``force`` it is replaced
-    only after the new content is complete. On any exception (Ctrl-C included)
-    the temporary directory is removed and ``out`` is left as it was.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise CheckpointError(f"{out}: output exists (use --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the result normal directory permissions
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShardedWriter:

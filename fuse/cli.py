@@ -8,10 +8,14 @@ from pathlib import Path
 
 import click
 
-from .cli_utils import FriendlyGroup
+from .cli_utils import CONTEXT_SETTINGS, FriendlyGroup
+from .commands import eval as eval_commands
+from .commands import generate as generate_commands
+from .commands import merge as merge_commands
+from .commands import toyfamily as toyfamily_commands
 
 
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=FriendlyGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(package_name="visionfuse-toolkit")
 def main() -> None:
     """Fuse MLLMs of one family: merge their LLMs, keep every member's vision branch."""
@@ -46,14 +50,17 @@ def inspect(model: str, fmt: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def demo(out: str, force: bool) -> None:
     """Build a tiny two-member LLaVA family and inspect it (no downloads)."""
-    from .checkpoint import atomic_output_dir
     from .members import load_member
+    from .output_dir import atomic_output_dir
     from .testing import build_base_llm, build_llava_hf_member, build_llava_member, random_image
 
+    final = Path(out).absolute()
     with atomic_output_dir(out, force=force) as tmp:
         base = build_base_llm(tmp / "base", seed=0)
-        a, _ = build_llava_hf_member(tmp / "member_a", base, seed=1)
-        b = build_llava_member(tmp / "member_b", base, seed=2)
+        build_llava_hf_member(tmp / "member_a", base, seed=1)
+        # member_b names its CLIP tower by path (as LLaVA-1.5 names openai/clip-...): record where the
+        # tower will be after the rename, not inside the temporary build directory
+        build_llava_member(tmp / "member_b", base, seed=2, tower_ref=final / "member_b-clip")
     click.echo(f"built tiny family in {out}: base, member_a (llava-hf), member_b (llava)")
     img = random_image(0, (56, 56))
     for name in ("member_a", "member_b"):
@@ -62,20 +69,9 @@ def demo(out: str, force: bool) -> None:
         click.echo(f"  {name}: format={m.format} visual tokens {tuple(toks.shape)} vocab={m.llm.vocab_rows}")
 
 
-def _register_optional_commands() -> None:
-    """Commands implemented in their own modules register themselves here if present."""
-    import importlib
-
-    for mod in ("fuse.commands.merge", "fuse.commands.generate", "fuse.commands.eval",
-                "fuse.commands.toyfamily"):
-        try:
-            importlib.import_module(mod).register(main)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-_register_optional_commands()
+# the `toyworld` group is made by fuse.commands.eval and extended by fuse.commands.toyfamily: eval goes first
+for _commands in (merge_commands, generate_commands, eval_commands, toyfamily_commands):
+    _commands.register(main)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

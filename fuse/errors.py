@@ -36,3 +36,7 @@ class FamilyError(FuseError):
 
 class DataError(FuseError):
     """An image, dataset or question file is missing or malformed."""
+
+
+class NumericsError(FuseError):
+    """A model produced NaN/Inf (broken weights, or overflow in a low-precision dtype)."""

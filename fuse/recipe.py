@@ -3,7 +3,7 @@
 ```yaml
 base_model: meta-llama/Meta-Llama-3-8B-Instruct   # path or hub id; required except for `linear`
 members:                                          # order = visual-token order at inference
-  - model: YanweiLi/MGM-8B      # path or hub id (hub ids: local Hugging Face cache only)
+  - model: YanweiLi/MGM-8B      # path or hub id (downloaded by `fuse merge`, see fuse.hub)
     format: auto                # auto|llava-hf|llava|mgm|slime|comm
     weight: 0.5                 # default 1/n
     density: null               # ties / dare_*: fraction of the delta kept
@@ -41,15 +41,31 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .dtypes import COMPUTE_DTYPES
 from .errors import RecipeError
+from .names import NAME_RX, derive_member_name, unique_names
 
-MERGE_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
-MEMBER_FORMATS = ("auto", "llava-hf", "llava", "mgm", "slime", "comm")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+MAX_YAML_NODES = 100_000  # a recipe has tens of values; YAML aliases can expand to billions
 
-MethodName = Literal["task_arithmetic", "ties", "dare_ties", "dare_linear", "linear"]
-FormatName = Literal["auto", "llava-hf", "llava", "mgm", "slime", "comm"]
-DtypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+def check_yaml_size(data: Any, label: str) -> None:
+    """Refuse YAML whose aliases expand to more than :data:`MAX_YAML_NODES` values (a "billion laughs"
+    bomb would otherwise run a whole merge before failing with MemoryError, or hang on printing)."""
+    stack, seen = [data], 0
+    while stack:
+        x = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise RecipeError(f"{label}: expands to more than {MAX_YAML_NODES} values (YAML aliases?); "
+                              "write the values out")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+
+
+DtypeName = Literal[COMPUTE_DTYPES]
 
 
 class _Strict(BaseModel):
@@ -60,7 +76,7 @@ class MemberSpec(_Strict):
     """One member MLLM of the family."""
 
     model: str
-    format: FormatName = "auto"
+    format: str = "auto"  # a name of fuse.members.registry.FORMATS (checked by fuse.merge.validate)
     weight: Optional[float] = None
     density: Optional[float] = None
     name: Optional[str] = None
@@ -90,13 +106,13 @@ class MemberSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+        if v is not None and not NAME_RX.fullmatch(v):
             raise ValueError(f"{v!r} must be a plain directory name (letters, digits, . _ -)")
         return v
 
 
 class MergeSpec(_Strict):
-    method: MethodName = "task_arithmetic"
+    method: str = "task_arithmetic"  # a name of fuse.merge.methods.MERGE_METHODS (checked by fuse.merge.validate)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: DtypeName = "float32"
     out_dtype: Optional[DtypeName] = None
@@ -115,8 +131,8 @@ class OutputSpec(_Strict):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str | int) -> str | int:
-        from .checkpoint import parse_size
         from .errors import CheckpointError
+        from .units import parse_size
 
         try:
             n = parse_size(v)
@@ -143,24 +159,16 @@ class Recipe(_Strict):
     def label(self) -> str:
         return self.source or "recipe"
 
-    def error(self, field: str, message: str, cls: type[Exception] = RecipeError) -> Exception:
-        return cls(f"{self.label}: {field}: {message}")
+    def error(self, field: str, message: str) -> RecipeError:
+        """A RecipeError naming this recipe's file and ``field``."""
+        return RecipeError(f"{self.label}: {field}: {message}")
 
     def member_names(self) -> list[str]:
-        """Names in member order: ``name`` or the model's basename, de-duplicated with -2, -3 ..."""
-        names: list[str] = []
-        explicit = {m.name for m in self.members if m.name}
-        for m in self.members:
-            if m.name:
-                names.append(m.name)
-                continue
-            stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(m.model.rstrip("/\\")).name) or "member"
-            cand, k = stem, 1
-            while cand in names or cand in explicit:
-                k += 1
-                cand = f"{stem}-{k}"
-            names.append(cand)
-        return names
+        """Names in member order: ``name``, or one derived from the model (its basename) that no other
+        member has (:func:`fuse.names.unique_names`)."""
+        explicit = [m.name for m in self.members if m.name]
+        derived = iter(unique_names([derive_member_name(m.model) for m in self.members if not m.name], explicit))
+        return [m.name or next(derived) for m in self.members]
 
     def weights(self) -> list[float]:
         n = len(self.members)
@@ -172,26 +180,15 @@ class Recipe(_Strict):
         return self.member_names().index(self.text.member)
 
     def check(self) -> "Recipe":
-        """Cross-field rules (names, base requirement, method parameters). Raises RecipeError."""
-        from .merge.methods import method_info
+        """Cross-field rules of the schema itself (member names, the text member). Raises RecipeError.
 
+        What the method, the formats and the inference options allow is checked where those live, by
+        :func:`fuse.merge.validate.validate_recipe` (``fuse check`` / ``fuse merge`` run it first)."""
         seen: set[str] = set()
         for i, m in enumerate(self.members):
             if m.name and m.name in seen:
                 raise self.error(f"members[{i}].name", f"{m.name!r} is used by two members")
             seen.add(m.name or "")
-        info = method_info(self.merge.method)
-        if info.needs_base and not self.base_model:
-            raise self.error("base_model", f"required for merge.method {self.merge.method!r} "
-                             "(only 'linear' merges without a base)")
-        for i, m in enumerate(self.members):
-            if m.density is not None and "density" not in info.member_parameters():
-                raise self.error(f"members[{i}].density", f"not used by merge.method {self.merge.method!r} "
-                                 f"(ties, dare_ties, dare_linear use it)")
-        try:
-            info.validate_parameters(self.merge.parameters)
-        except ValueError as e:
-            raise self.error(f"merge.parameters{e.args[0]}", e.args[1]) from None
         all_names = self.member_names()
         if self.text.member is not None and self.text.member not in all_names:
             raise self.error("text.member", f"{self.text.member!r} is not a member name "
@@ -239,8 +236,10 @@ def _resolve(value: str, root: Path) -> str:
 
 
 def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike | None = None) -> Recipe:
-    """Validate a recipe mapping. ``root``: directory that relative paths are resolved against."""
+    """Validate a recipe mapping against the schema. ``root``: directory that relative paths are resolved
+    against. (What the merge method and the member formats allow: :func:`fuse.merge.validate.validate_recipe`.)"""
     label = source or "recipe"
+    check_yaml_size(data, label)
     if not isinstance(data, dict):
         raise RecipeError(f"{label}: expected a mapping with base_model, members, merge, ... at the top level")
     try:
@@ -263,7 +262,8 @@ def parse_recipe(data: Any, source: str | None = None, root: str | os.PathLike |
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe YAML file (relative paths resolved against its directory)."""
+    """Read a recipe YAML file and validate it against the schema (relative paths resolved against its
+    directory; see :func:`parse_recipe`)."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{p}: no such recipe file")
@@ -278,5 +278,5 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     return parse_recipe(data, source=str(p), root=p.parent.resolve())
 
 
-__all__ = ["DTYPES", "MEMBER_FORMATS", "MERGE_METHODS", "MemberSpec", "MergeSpec", "OutputSpec", "Recipe",
-           "TextSpec", "load_recipe", "parse_recipe"]
+__all__ = ["MemberSpec", "MergeSpec", "OutputSpec", "Recipe", "TextSpec",
+           "check_yaml_size", "load_recipe", "parse_recipe"]

@@ -89,16 +89,18 @@ def family_recipe(family: str | os.PathLike = ASSETS, method: str = "task_arithm
 
 
 def write_test_split(directory: str | os.PathLike, seed: int = 0) -> Path:
-    """The test split of the toy world of ``seed`` exactly as :func:`fuse.toyworld.generate` writes it
-    (same exclusion of that world's training images), without writing the training split."""
-    from .checkpoint import atomic_output_dir
+    """The toy world's test split exactly as :func:`fuse.toyworld.generate` writes it (same exclusions),
+    without writing the training split. Returns the split dir."""
+    import hashlib
+
+    from .output_dir import atomic_output_dir
     from .toyworld import build_split, write_split
 
     size, mc = WORLD["size"], WORLD["mc_answer"]
     train = build_split("train", WORLD["n_train"] // 2, seed, size, mc)
     seen = {hashlib.sha256(b).hexdigest() for b in train.images}
     test = build_split("test", WORLD["n_test"] // 2, seed, size, mc, exclude=seen)
-    with atomic_output_dir(directory, force=True) as tmp:
+    with atomic_output_dir(directory) as tmp:
         write_split(test, tmp)
     return Path(directory)
 
@@ -121,7 +123,7 @@ def budget_inference(budget: str) -> dict[str, Any]:
 def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLike = ASSETS, seed: int | None = None,
             limit: int | None = DEFAULT_LIMIT, methods: Sequence[str] = METHODS, budget: str | None = BUDGET,
             models: Sequence[str] | None = None, batch_size: int = EVAL["batch_size"], echo=print,
-            progress: bool = False, plot: bool = True) -> dict[str, Any]:
+            progress: bool = False, plot: bool = True, force: bool = False) -> dict[str, Any]:
     """Merge the toy family (each method), evaluate members, fused models and COMM on a test split.
 
     ``seed``: None = the family's own test split (the world it was trained on, the "shipped" split);
@@ -129,16 +131,31 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     Writes ``out/test`` (the split), ``out/fused-<tag>`` (merge outputs), ``out/compare.json`` and
     (``plot``) ``out/compare.png``; returns the JSON document (``rows``: model -> :data:`COLUMNS`
     figures; ``summary``: best member, fused gain over it, share of the gain kept with the budget).
+    Everything is written to a temp dir renamed to ``out`` at the end; an existing ``out`` needs ``force``
+    (and is replaced only if an earlier run of this toolkit wrote it); paths in the document name ``out``.
     """
+    from .eval.runner import write_results
+    from .output_dir import atomic_output_dir
+
+    with atomic_output_dir(out, force=force) as tmp:
+        doc = _compare(tmp, Path(family), seed, limit, methods, budget, models, batch_size, echo, progress)
+        doc["test"] = str(Path(out) / "test")
+        if plot and doc["rows"]:
+            plot_compare(doc, tmp / "compare.png")
+            doc["plot"] = str(Path(out) / "compare.png")
+        write_results(doc, tmp / "compare.json")
+    return doc
+
+
+def _compare(out: Path, family: Path, seed: int | None, limit: int | None, methods: Sequence[str],
+             budget: str | None, models: Sequence[str] | None, batch_size: int, echo, progress: bool) -> dict[str, Any]:
     import torch
 
     from .eval import EvalConfig, evaluate
     from .eval.loader import load_for_eval
-    from .eval.runner import write_results
     from .merge import run_merge
 
     t_all = time.perf_counter()
-    out, family = Path(out), Path(family)
     shipped = family_seed(family)
     test_seed = shipped if seed is None else int(seed)
     test = write_test_split(out / "test", test_seed)
@@ -153,7 +170,7 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
         tag = label.split(":", 1)[1].replace("+", "_").replace(":", "")
         recipe = family_recipe(family, method, out / f"fused-{tag}", inference)
         t0 = time.perf_counter()
-        run_merge(recipe, force=True, progress=False, checksums=False, echo=lambda *a, **k: None)
+        run_merge(recipe, progress=False, checksums=False, align_check=False, echo=lambda *a, **k: None)
         merge_s += time.perf_counter() - t0
         jobs.append((label, Path(recipe.output.dir)))
     jobs.append(("comm", family / "comm"))
@@ -170,11 +187,7 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     doc = {"family": str(family), "test": str(test), "test_seed": test_seed, "shipped_split": test_seed == shipped,
            "limit_per_part": limit, "eval": {**EVAL, "batch_size": batch_size}, "ties_density": TIES_DENSITY,
            "budget": budget, "columns": list(COLUMNS), "rows": rows, "summary": summary(rows, budget),
-           "merge_seconds": round(merge_s, 2)}
-    if plot and rows:
-        doc["plot"] = str(plot_compare(doc, out / "compare.png"))
-    doc["total_seconds"] = round(time.perf_counter() - t_all, 1)
-    write_results(doc, out / "compare.json")
+           "merge_seconds": round(merge_s, 2), "total_seconds": round(time.perf_counter() - t_all, 1)}
     return doc
 
 

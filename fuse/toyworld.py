@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from .checkpoint import atomic_output_dir
+from .output_dir import atomic_output_dir
 from .errors import DataError
 from .eval.prompts import multiple_choice_prompt, short_answer_prompt
 

@@ -117,16 +117,76 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict[str, Any], k
     return final
 
 
-def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """Check compatibility, restore model/optimizer/scheduler/RNG, return the trainer state."""
+def init_optimizer_state(optimizer) -> None:
+    """Create every parameter's optimizer state (zeros; weights unchanged) before a restore.
+
+    accelerate restores an FSDP ``SHARDED_STATE_DICT`` optimizer by asking
+    ``torch.distributed.checkpoint`` to fill in the optimizer's *current* state dict. A fresh
+    AdamW has no per-parameter state until its first step, so only the hyper-parameters
+    would come back: the moments and step count would silently restart from zero (the
+    resumed run then drifts by about one learning rate per weight on its first step).
+    One step at learning rate 0 with zero gradients creates the state without moving a
+    weight (AdamW: ``p *= 1 - lr * wd`` and ``p -= lr * m / (sqrt(v) + eps)`` with ``lr = 0``).
+    """
+    import torch
+
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for g in optimizer.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for g, lr in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+
+
+def _check_rng_files(acc_dir: Path) -> None:
+    """accelerate skips an unreadable RNG file silently (the resume would then not be exact): read each
+    one first, as accelerate does (``torch.load(weights_only=True)``, so no pickled code ever runs)."""
+    from accelerate.utils import load
+
+    for f in sorted(acc_dir.glob("random_states_*.pkl")):
+        try:
+            states = load(f)
+        except Exception as e:  # truncated, not a torch file, or a pickle that wants to run code
+            raise CheckpointError(f"{f}: unreadable RNG state ({_first_line(e)})") from None
+        if not isinstance(states, dict) or "torch_manual_seed" not in states:
+            raise CheckpointError(f"{f}: not an RNG state saved by accelerate")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{e.__class__.__name__}: {lines[0][:200]}" if lines else e.__class__.__name__
+
+
+def load_checkpoint(accelerator, ckpt: Path, expected: dict[str, Any], optimizer=None) -> dict[str, Any]:
+    """Check compatibility, restore model/optimizer/scheduler/RNG, return the trainer state.
+
+    Every file is read safely (safetensors; ``torch.load(weights_only=True)`` for the rest): a truncated
+    or malicious file is a one-line error naming the checkpoint, never a traceback or code execution.
+    ``optimizer`` (the torch optimizer under accelerate's wrapper) gets its state created first under
+    FSDP (see :func:`init_optimizer_state`).
+    """
+    from accelerate.utils import DistributedType
+
+    from fuse.checkpoint import LazyCheckpoint
+
     state = read_state(ckpt)
     check_compatible(ckpt, state, expected)
+    acc_dir = ckpt / ACCELERATE_DIR
+    for f in sorted(acc_dir.glob("*.safetensors")):
+        LazyCheckpoint(f)  # header + size check: a truncated file names itself
+    _check_rng_files(acc_dir)
+    if optimizer is not None and accelerator.distributed_type == DistributedType.FSDP:
+        init_optimizer_state(optimizer)
     try:
-        accelerator.load_state(str(ckpt / ACCELERATE_DIR))
-    except (RuntimeError, KeyError, ValueError, FileNotFoundError) as e:
-        raise CheckpointError(f"{ckpt}: cannot restore ({str(e).splitlines()[0][:200]})") from None
+        accelerator.load_state(str(acc_dir))
+    except Exception as e:  # torch / safetensors / pickle raise many types; none is the user's bug
+        raise CheckpointError(f"{ckpt}: cannot restore ({_first_line(e)})") from None
     return state
 
 
 __all__ = ["ACCELERATE_DIR", "CHECKPOINTS", "STATE_FILE", "check_compatible", "checkpoint_name", "find_checkpoint",
-           "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint"]
+           "init_optimizer_state", "list_checkpoints", "load_checkpoint", "read_state", "save_checkpoint"]

@@ -68,7 +68,7 @@ def comm(stage, config_path, from_dir, llm, data_train, image_root, output_dir, 
 @click.command("fusions")
 def fusions():
     """List the registered fusion types."""
-    from .fusion import FUSIONS
+    from fuse.fusions import FUSIONS
 
     for name, cls in sorted(FUSIONS.items()):
         doc = (cls.__doc__ or "").strip().splitlines()[0]

@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuse.errors import RecipeError
+from fuse.recipe import check_yaml_size
 
 TRAINABLE_GROUPS = ("fusion", "llm")
 
@@ -68,7 +69,7 @@ class EncoderConfig(_Strict):
 
 
 class FusionConfig(_Strict):
-    """Which fusion module and its options (see ``fuse/members/comm_fusion.py``)."""
+    """Which fusion module and its options (see :mod:`fuse.fusions`)."""
 
     type: str = "comm"
     layers: dict[str, Union[str, int, list[int]]] = Field(default_factory=dict)  # role -> selector
@@ -84,7 +85,7 @@ class FusionConfig(_Strict):
     @field_validator("type")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .fusion import FUSIONS
+        from fuse.fusions import FUSIONS  # (torch: imported when a config is validated, not with this module)
 
         if v not in FUSIONS:
             raise ValueError(f"unknown fusion type {v!r}; known: {', '.join(sorted(FUSIONS))}")
@@ -127,7 +128,7 @@ class TrainConfig(_Strict):
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range (accelerate.set_seed seeds numpy too)
 
     save_every: Optional[int] = Field(500, gt=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -249,6 +250,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise RecipeError(f"{p}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{p}: expected a mapping of config keys at the top level")
+    check_yaml_size(data, str(p))
     return data
 
 

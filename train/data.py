@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,11 +410,6 @@ def eval_micro_batches(n: int, per_device: int, num_processes: int, rank: int) -
         idx = list(range(s + rank * per_device, min(s + (rank + 1) * per_device, n)))
         out.append(idx or [-1])
     return out
-
-
-def seed_worker(worker_id: int) -> None:  # pragma: no cover - runs in worker processes
-    s = torch.initial_seed() % 2 ** 32
-    random.seed(s)
 
 
 __all__ = ["BadSamples", "Collator", "ConversationDataset", "ConversationEncoder", "Encoded", "IGNORE",

@@ -1,40 +1,35 @@
-"""Fusion registry for training: the modules of ``fuse.members.comm_fusion`` built from a config.
+"""Building a fusion for training: the modules of :mod:`fuse.fusions` built from a training config.
 
 The modules themselves live in ``fuse`` (a trained model is a ``fuse`` Member and its
 vision branch runs the same code at inference); this module turns a
 :class:`~train.config.TrainConfig` into encoders + a :class:`~fuse.members.comm.CommBranch`,
 and names the trainable parameter groups.
 
-Registered fusion types (``FUSIONS``): comm, clip, mean_half, mean_all, layerscale,
+Registered fusion types (``fuse.fusions.FUSIONS``): comm, clip, mean_half, mean_all, layerscale,
 lln_layerscale, conv_layerscale, a_mof, i_mof, channel_concat. Adding a variant = one
-``@register_fusion`` class in ``fuse/members/comm_fusion.py``.
+``@register_fusion`` class in :mod:`fuse.fusions.modules`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from fuse.dtypes import torch_dtype
 from fuse.encoders import Encoder, build_encoder
 from fuse.errors import RecipeError
+from fuse.fusions import FusionSpec, build_fusion, fusion_class, make_spec
 from fuse.members.comm import CommBranch
-from fuse.members.comm_fusion import FUSIONS, Fusion, FusionSpec, build_fusion, fusion_class, make_spec
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .config import EncoderConfig, TrainConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from .config import EncoderConfig, TrainConfig
 
 def encoder_dtype(name: str, on_gpu: bool) -> torch.dtype:
     """``auto`` -> bf16 on GPU, float32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
-    return _DTYPES[name]
+    return torch_dtype(name)
 
 
-def build_encoder_from_config(role: str, cfg: "EncoderConfig", on_gpu: bool = False) -> Encoder:
+def build_encoder_from_config(role: str, cfg: EncoderConfig, on_gpu: bool = False) -> Encoder:
     """A frozen encoder (eval, no grad) from its config entry."""
     kind = cfg.kind or role
     proc = None
@@ -49,7 +44,7 @@ def build_encoder_from_config(role: str, cfg: "EncoderConfig", on_gpu: bool = Fa
     return enc.eval()
 
 
-def roles_needed(cfg: "TrainConfig") -> list[str]:
+def roles_needed(cfg: TrainConfig) -> list[str]:
     """Encoder roles the configured fusion consumes."""
     cls = fusion_class(cfg.fusion.type)
     if cls.roles:
@@ -57,7 +52,7 @@ def roles_needed(cfg: "TrainConfig") -> list[str]:
     return [cfg.fusion.encoder or (next(iter(cfg.fusion.layers)) if cfg.fusion.layers else "clip")]
 
 
-def fusion_spec_from_config(cfg: "TrainConfig", encoders: dict[str, Encoder], llm_hidden: int) -> FusionSpec:
+def fusion_spec_from_config(cfg: TrainConfig, encoders: dict[str, Encoder], llm_hidden: int) -> FusionSpec:
     f = cfg.fusion
     opts = dict(mlp_depth=f.mlp_depth, mlp_ratio=f.mlp_ratio, concat=f.concat, width=f.width, alpha=f.alpha,
                 conv_kernel=f.conv_kernel)
@@ -73,7 +68,7 @@ def fusion_spec_from_config(cfg: "TrainConfig", encoders: dict[str, Encoder], ll
         raise
 
 
-def build_branch(cfg: "TrainConfig", llm_hidden: int, on_gpu: bool = False) -> CommBranch:
+def build_branch(cfg: TrainConfig, llm_hidden: int, on_gpu: bool = False) -> CommBranch:
     """Encoders (frozen, from ``cfg.encoders``) + a freshly initialised fusion module."""
     roles = roles_needed(cfg)
     missing = [r for r in roles if r not in cfg.encoders]
@@ -92,5 +87,5 @@ def trainable_prefixes(groups: list[str]) -> tuple[str, ...]:
     return tuple(table[g] for g in groups)
 
 
-__all__ = ["FUSIONS", "Fusion", "FusionSpec", "build_branch", "build_encoder_from_config", "build_fusion",
-           "encoder_dtype", "fusion_spec_from_config", "roles_needed", "trainable_prefixes"]
+__all__ = ["build_branch", "build_encoder_from_config", "encoder_dtype", "fusion_spec_from_config", "roles_needed",
+           "trainable_prefixes"]

@@ -20,8 +20,8 @@ The final output is a ``comm`` member directory (``<output_dir>/final``) that
 from __future__ import annotations
 
 import math
-import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +29,20 @@ from typing import Any
 
 import torch
 
-from fuse.checkpoint import atomic_output_dir
+from fuse.dtypes import torch_dtype
 from fuse.errors import CheckpointError, DataError, RecipeError
+from fuse.fused_layout import union_eos_ids
+from fuse.fusions import build_fusion
 from fuse.members.comm import CommBranch, save_comm_member
-from fuse.members.comm_fusion import build_fusion
-from fuse.members.common import eos_ids
+from fuse.members.common import as_list, eos_ids
 from fuse.members.text import load_tokenizer
+from fuse.output_dir import atomic_output_dir, check_output
 
-from .checkpointing import CHECKPOINTS, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import CHECKPOINTS, find_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import (IGNORE, BadSamples, Collator, ConversationDataset, ConversationEncoder, ListBatchSampler,
                    eval_micro_batches, rank_micro_batches, step_batches)
+from .engines import accelerator_kwargs, check_engine, engine_name
 from .fusion import build_branch, encoder_dtype
 from .logs import RunLogger
 from .model import CommModel, load_llm, read_previous_stage, set_trainable
@@ -70,7 +73,8 @@ def make_accelerator(cfg: TrainConfig):
     """A fresh ``Accelerator`` for this run (state singletons reset so several runs can share a process).
 
     Without CUDA it runs on CPU; under ``accelerate launch --multi_gpu`` / torchrun that is
-    multi-process CPU training over gloo.
+    multi-process CPU training over gloo (DDP), and with a DeepSpeed config DeepSpeed's CPU
+    accelerator over gloo (see :mod:`train.engines`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -78,8 +82,9 @@ def make_accelerator(cfg: TrainConfig):
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                      step_scheduler_with_optimizer=False)
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision), step_scheduler_with_optimizer=False,
+                      **accelerator_kwargs())
+    check_engine(acc)
     num_processes = acc.num_processes
     accum = cfg.accumulation_steps(num_processes)
     acc.gradient_accumulation_steps = accum
@@ -148,7 +153,20 @@ class Trainer:
         return find_checkpoint(self.out if r == "auto" else r)
 
     def _check_output_dir(self) -> None:
-        if self.resume_from is not None or not self.out.exists():
+        """Before any work: the output dir is writable, ``final/`` may be replaced at the end (only an
+        earlier export of this toolkit is), and a run already there needs --resume or --force (which
+        removes only its step checkpoints)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.out):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{self.out}: cannot write the output directory ({e.strerror})") from None
+        cfg = self.cfg
+        check_output(self.out / FINAL, force=True, inputs=[("--from", cfg.from_dir), ("--llm", cfg.llm),
+                                                           ("--data", cfg.data.train),
+                                                           ("--image-root", cfg.data.image_root)])
+        if self.resume_from is not None:
             return
         used = [p.name for p in self.out.iterdir() if p.name in (CHECKPOINTS, FINAL, "train_log.jsonl")]
         if used and not self.cfg.force:
@@ -156,8 +174,8 @@ class Trainer:
                                   "pass --resume to continue it or --force to start over")
         self.acc.wait_for_everyone()
         if used and self.acc.is_main_process:
-            for name in (CHECKPOINTS,):
-                shutil.rmtree(self.out / name, ignore_errors=True)
+            for _, ckpt in list_checkpoints(self.out / CHECKPOINTS):
+                shutil.rmtree(ckpt)
         self.acc.wait_for_everyone()
 
     def _build_model(self) -> None:
@@ -198,6 +216,8 @@ class Trainer:
         self.tokenizer = tok
         model = CommModel(branch.fusion, llm)
         self.trainable_names = set_trainable(model, cfg.trainable)
+        # before FSDP shards them; ZeRO-3 may have partitioned the LLM at load (ds_numel = full size)
+        self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         self.raw_model = model
 
     def _build_data(self) -> None:
@@ -237,7 +257,7 @@ class Trainer:
                 "global_batch_size": self.global_batch, "total_steps": self.total_steps}
 
     def _resume(self, ckpt: Path) -> None:
-        state = load_checkpoint(self.acc, ckpt, self.expected_state())
+        state = load_checkpoint(self.acc, ckpt, self.expected_state(), self.optimizer.optimizer)
         self.step_idx = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.runtime_bad = int(state.get("runtime_bad", 0))
@@ -358,11 +378,11 @@ class Trainer:
         log = RunLogger(self.out, main, self.total_steps, self.step_idx, cfg.tensorboard, cfg.progress)
         if self.step_idx == 0:
             log.event(0, "start", fusion=self.branch.fusion.spec.type, visual_tokens=self.branch.num_tokens,
-                      trainable=cfg.trainable, n_trainable=sum(p.numel() for p in self.raw_model.parameters()
-                                                               if p.requires_grad),
+                      trainable=cfg.trainable, n_trainable=self.n_trainable,
                       records=self.train_ds.total_records, usable=len(self.train_ds),
                       bad_records=self.train_ds.bad.total, steps=self.total_steps, global_batch=self.global_batch,
-                      accumulation=self.accum, processes=self.P, dropped_per_epoch=self.dropped_per_epoch)
+                      accumulation=self.accum, processes=self.P, dropped_per_epoch=self.dropped_per_epoch,
+                      engine=engine_name(acc))
         else:
             log.event(self.step_idx, "resume", checkpoint=str(self.resume_from))
         last_ckpt = None
@@ -423,7 +443,7 @@ class Trainer:
         name = self.cfg.save_dtype
         if name == "auto":
             return torch.bfloat16 if self.acc.mixed_precision == "bf16" else None
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        return torch_dtype(name)
 
     def export(self) -> Path:
         """Write ``<output_dir>/final`` (format ``comm``) atomically; collective call."""
@@ -447,9 +467,6 @@ class Trainer:
                         "llm": self.llm_source, "final_loss": self.losses[-1] if self.losses else None}
             prompt_style = "chat_template" if self.cfg.data.template == "chat_template" else "llava_v1"
             with atomic_output_dir(final, force=True) as tmp:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model dir is normally shared
                 save_comm_member(tmp, branch, llm_tensors, text_config, tokenizer=self.tokenizer,
                                  prompt_style=prompt_style, eos_token_ids=eos, store_encoders=self.cfg.store_encoders,
                                  training=training, max_shard=self.cfg.max_shard_size, dtype=self.save_dtype())
@@ -457,22 +474,11 @@ class Trainer:
         return final
 
     def _eos_ids(self, llm) -> list[int]:
-        out: list[int] = []
+        """The trained member's eos ids: the source LLM's files', its generation config's, the tokenizer's."""
         src = Path(str(self.llm_source))
-        if src.is_dir():
-            out += eos_ids(src, llm.config.to_dict())
         gen = getattr(llm, "generation_config", None)
-        for x in ([getattr(gen, "eos_token_id", None)] if gen is not None else []) + [self.tokenizer.eos_token_id]:
-            for i in (x if isinstance(x, (list, tuple)) else [x]):
-                if i is not None and int(i) not in out:
-                    out.append(int(i))
-        return out
+        return union_eos_ids(eos_ids(src, llm.config.to_dict()) if src.is_dir() else [],
+                             as_list(getattr(gen, "eos_token_id", None)), as_list(self.tokenizer.eos_token_id))
 
 
-def run_training(cfg: TrainConfig) -> TrainResult:
-    """Build a :class:`Trainer` and run it."""
-    return Trainer(cfg).train()
-
-
-__all__ = ["FINAL", "TrainResult", "Trainer", "make_accelerator", "param_groups", "resolve_mixed_precision",
-           "run_training"]
+__all__ = ["FINAL", "TrainResult", "Trainer", "make_accelerator", "param_groups", "resolve_mixed_precision"]

@@ -22,7 +22,7 @@ from torch import nn
 from fuse.checkpoint import LazyCheckpoint, read_json
 from fuse.errors import CheckpointError, RecipeError
 from fuse.members.comm import CommBranch, load_comm_branch
-from fuse.members.comm_fusion import Fusion
+from fuse.fusions import Fusion
 
 
 class CommModel(nn.Module):
@@ -83,8 +83,9 @@ def load_llm(source: str | os.PathLike, dtype: torch.dtype = torch.float32, text
     try:
         if text_config is not None:
             cfg = AutoConfig.for_model(**{k: v for k, v in text_config.items() if k not in ("transformers_version",)})
-            return AutoModelForCausalLM.from_pretrained(str(source), config=cfg, dtype=dtype)
-        return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+            return AutoModelForCausalLM.from_pretrained(str(source), config=cfg, dtype=dtype,
+                                                        use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot load the LLM ({str(e).splitlines()[0]})") from None
 

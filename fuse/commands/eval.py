@@ -53,25 +53,33 @@ def register(group: click.Group) -> None:
                  device, gen, as_json):
         """Evaluate MODEL (a fused dir, a member checkpoint or a COMM checkpoint) on a benchmark.
 
-        Data are validated before the model is loaded; the summary ends with samples/s.
+        Data are validated before the model is loaded; the summary ends with samples/s. Under
+        `accelerate launch --num_processes N -m fuse eval ...` the questions are split across the
+        N processes and process 0 writes the one results JSON.
         """
-        from ..cli_utils import parse_dtype
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
         from ..errors import CheckpointError
         from ..eval import EvalConfig, evaluate, format_summary, load_samples, task_parts, write_results
+        from ..eval.distributed import current_shard
         from ..eval.loader import model_kind
 
         if not Path(model).exists():
             raise CheckpointError(f"{model}: no such model directory")
+        dtype, device = parse_dtype(dtype), (str(resolve_device(device)) if device else None)  # before any work
         cfg = EvalConfig(batch_size=batch_size, max_new_tokens=max_new_tokens, limit=limit, log_samples=log_samples,
                          images=images, gen_kwargs=_gen_kwargs(gen))
         parts = task_parts(task, data)
         samples = load_samples(parts, images=images, limit=limit)
+        shard = current_shard()
         t0 = time.perf_counter()
-        m = _load_for_eval(model, fmt, parse_dtype(dtype), device)
+        m = _load_for_eval(model, fmt, dtype, device or shard.device)
         load_s = time.perf_counter() - t0
-        results = evaluate(m, task, data, cfg, model_name=str(model), parts=parts, samples=samples)
+        results = evaluate(m, task, data, cfg, model_name=str(model), parts=parts, samples=samples, shard=shard)
         results["model_kind"] = model_kind(model)
         results["timing"]["load_model_s"] = round(load_s, 4)
+        if not shard.is_main:
+            return
         if output:
             write_results(results, output)
         if as_json:

@@ -55,33 +55,41 @@ def register(group: click.Group) -> None:
     @click.option("--raw-prompt", is_flag=True, help="Use the prompt as is, without the chat template.")
     @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's).")
     @click.option("--device", default="cpu", show_default=True)
+    @click.option("--alpha", type=click.Choice(["drop", "white"]), default="drop", show_default=True,
+                  help="Transparent images: drop the alpha channel (as the members' original code does) or "
+                       "composite over white.")
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
                  separator: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
-                 device: str, as_json: bool) -> None:
+                 device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
         import warnings
 
-        from ..cli_utils import parse_dtype
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
         from ..images import load_image
-        from ..model.fused import FusedModel
+        from ..model.fused import FusedModel, check_generation
 
         if len(prompts) != 1 and len(prompts) != len(images):
             raise FuseError(f"--prompt given {len(prompts)} times for {len(images)} --image; give one, or one per image")
+        check_generation(max_new_tokens, sample, temperature, top_p, seed)  # before loading anything
+        dev = resolve_device(device)
         plist = list(prompts) * len(images) if len(prompts) == 1 else list(prompts)
-        pil = [load_image(p) for p in images]  # fail on a bad image before loading the model
+        pil = [load_image(p, alpha) for p in images]  # fail on a bad image before loading the model
         t0 = time.perf_counter()
-        fm = FusedModel.from_pretrained(model, dtype=parse_dtype(dtype), device=device)
+        fm = FusedModel.from_pretrained(model, dtype=parse_dtype(dtype), device=dev)
         t_load = time.perf_counter() - t0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = fm.generate(pil, plist, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature,
                               top_p=top_p, seed=seed, template=not raw_prompt,
-                              token_budget=_member_specs(token_budget, "--token-budget"),
-                              positions=_member_specs(positions, "--positions"), separator=_separator(separator),
-                              max_visual_tokens=max_visual_tokens, return_details=True)
+                              inference={"token_budget": _member_specs(token_budget, "--token-budget"),
+                                         "positions": _member_specs(positions, "--positions"),
+                                         "separator": _separator(separator),
+                                         "max_visual_tokens": max_visual_tokens},
+                              return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)
         if not as_json:

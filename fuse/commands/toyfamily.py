@@ -35,7 +35,8 @@ def register(group: click.Group) -> None:
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")
-    def compare_cmd(out, family, seed, limit, all_questions, methods, budget, batch_size, json_path):
+    @click.option("--force", is_flag=True, help="Replace OUT if an earlier `compare` wrote it.")
+    def compare_cmd(out, family, seed, limit, all_questions, methods, budget, batch_size, json_path, force):
         """Merge the toy family (task_arithmetic, ties, linear), then evaluate each member alone, the fused
         models, the fused model with a token budget, and the COMM model on a toy test split.
 
@@ -61,7 +62,8 @@ def register(group: click.Group) -> None:
             raise FuseError(f"--methods: {', '.join(bad) or '(empty)'} not among {', '.join(MERGE_METHODS)}")
         t0 = time.perf_counter()
         doc = compare(out, family=fam, seed=seed, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
-                      budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo)
+                      budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,
+                      force=force)
         if json_path:
             write_results(doc, json_path)
         for line in format_summary(doc):

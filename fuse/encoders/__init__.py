@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import FormatError
+from ..state_dict import load_state_dict_strict
 from .base import Encoder
 from .convnext import ConvNextEncoder
 from .vit import ClipEncoder, Dinov2Encoder, SiglipEncoder
@@ -54,7 +55,7 @@ def encoder_from_spec(spec: dict, state_dict: dict[str, torch.Tensor] | None = N
     enc = encoder_class(spec["kind"]).from_config(spec["config"], processor=spec.get("processor"),
                                                   pad_square=spec.get("pad_square", False))
     if state_dict is not None:
-        enc.model.load_state_dict(state_dict, strict=True)
+        load_state_dict_strict(enc.model, state_dict, f"{spec['kind']} encoder", "weights and its spec")
     if dtype is not None:
         enc.model.to(dtype)
     return enc

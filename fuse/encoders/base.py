@@ -82,9 +82,10 @@ class Encoder(nn.Module):
     def from_pretrained(cls, source: str | os.PathLike, processor: dict | None = None,
                         pad_square: bool = False, dtype: torch.dtype | None = None,
                         **kwargs: Any) -> "Encoder":
-        """Load weights (+ preprocessor_config.json when present) from a dir or hub id."""
+        """Load weights (+ preprocessor_config.json when present) from a dir or hub id.
+        safetensors weights only: a pickled ``pytorch_model.bin`` is never opened."""
         try:
-            model = cls.model_cls.from_pretrained(str(source), dtype=dtype, **kwargs)
+            model = cls.model_cls.from_pretrained(str(source), dtype=dtype, **{**kwargs, "use_safetensors": True})
         except OSError as e:
             raise CheckpointError(f"{source}: cannot load {cls.kind} encoder ({str(e).splitlines()[0]})") from None
         proc = None
@@ -110,7 +111,7 @@ class Encoder(nn.Module):
         while hub checkpoints have it; both spellings are accepted. Raises FormatError naming
         ``source`` on missing or unexpected keys.
         """
-        from ..errors import FormatError
+        from ..state_dict import load_state_dict_strict
 
         own = set(self.model.state_dict())
         uses_prefix = any(k.startswith("vision_model.") for k in own)
@@ -118,11 +119,8 @@ class Encoder(nn.Module):
         for k, v in state_dict.items():
             bare = k[len("vision_model."):] if k.startswith("vision_model.") else k
             fixed["vision_model." + bare if uses_prefix else bare] = v
-        missing, unexpected = self.model.load_state_dict(fixed, strict=False)
-        missing = [m for m in missing if not m.endswith("position_ids")]
-        if missing or unexpected:
-            raise FormatError(f"{source}: {self.kind} encoder weights do not fit its config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        load_state_dict_strict(self.model, fixed, source, f"{self.kind} encoder weights and its config",
+                               may_miss=lambda k: k.endswith("position_ids"))  # a buffer, rebuilt at init
 
     # -- serialisation ------------------------------------------------------
     def spec(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from ..errors import FormatError
+from ..state_dict import load_state_dict_strict
 from .base import Encoder, LazyClass
 from .vit import CLIP_MEAN, CLIP_STD
 
@@ -145,13 +146,9 @@ class ConvNextEncoder(Encoder):
 
     def load_timm_state_dict(self, sd: Mapping[str, torch.Tensor]) -> list[str]:
         """Load timm/open_clip-named weights; returns the HF keys the source did not have."""
-        missing, unexpected = self.model.load_state_dict(convert_timm_state_dict(sd), strict=False)
-        if unexpected:
-            raise FormatError(f"ConvNeXt weights: unexpected keys {unexpected[:3]}")
-        allowed = {"layernorm.weight", "layernorm.bias"}  # final head norm: MGM's trunk has none
-        if set(missing) - allowed:
-            raise FormatError(f"ConvNeXt weights: missing keys {sorted(set(missing) - allowed)[:3]}")
-        return list(missing)
+        head_norm = {"layernorm.weight", "layernorm.bias"}  # final head norm: MGM's trunk has none
+        return load_state_dict_strict(self.model, convert_timm_state_dict(sd), "timm state dict", "ConvNeXt weights",
+                                      may_miss=head_norm.__contains__)
 
     def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(pixel_values=pixel_values.to(self.device, self.dtype), output_hidden_states=True)

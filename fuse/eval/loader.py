@@ -47,9 +47,12 @@ def model_kind(path: str | os.PathLike) -> str:
 
 def load_for_eval(path: str | os.PathLike, format: str = "auto", dtype: Any = None, device: str | None = None) -> Any:
     """A model with ``generate`` for a fused dir, a member dir or a COMM checkpoint."""
+    from ..devices import resolve_device
+
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such model directory")
+    device = str(resolve_device(device)) if device else None
     FusedModel = _fused_model_class()
     if model_kind(p) == "fused":
         model = _call(FusedModel.from_pretrained, p, dtype=dtype)

@@ -24,6 +24,7 @@ from typing import Any, Protocol, Sequence
 from PIL import Image
 
 from ..images import load_image
+from .distributed import SINGLE, Shard
 from .prompts import OPTION_LETTER, SHORT_ANSWER, with_placeholder
 from .tasks import Sample, Scored, Task, load_samples, task_parts
 
@@ -55,27 +56,35 @@ def placeholder_of(model: Any) -> str:
     return "<image>"
 
 
-def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 16,
-                 sort_by_length: bool = True, progress: bool = True, desc: str = "eval",
-                 **gen_kwargs: Any) -> tuple[list[str], float]:
-    """Answers for every sample (in the samples' order) and the seconds spent inside ``model.generate``.
-
-    Samples are batched by prompt length (longest first, so padding is small and
-    memory peaks early); images are decoded one batch at a time.
-    """
-    from tqdm.auto import tqdm
-
+def batch_schedule(samples: Sequence[Sample], batch_size: int, sort_by_length: bool = True) -> list[list[int]]:
+    """Sample indices in batches: longest prompt first (small padding, memory peaks early), ``batch_size`` each."""
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
-    ph = placeholder_of(model)
     order = list(range(len(samples)))
     if sort_by_length:
         order.sort(key=lambda i: -len(samples[i].prompt))
-    outputs: list[str | None] = [None] * len(samples)
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 16,
+                 sort_by_length: bool = True, progress: bool = True, desc: str = "eval", shard: Shard = SINGLE,
+                 **gen_kwargs: Any) -> tuple[list[str], float]:
+    """Answers for every sample (in the samples' order) and the seconds spent inside ``model.generate``.
+
+    Batches follow :func:`batch_schedule`; images are decoded one batch at a time. With a ``shard`` of
+    several processes, this process answers its batches of that same schedule and the
+    answers of all processes are gathered (every process returns all of them; the
+    seconds are summed over processes).
+    """
+    from tqdm.auto import tqdm
+
+    batches = shard.take(batch_schedule(samples, batch_size, sort_by_length))
+    ph = placeholder_of(model)
+    outputs: dict[int, str] = {}
     gen_s = 0.0
-    with tqdm(total=len(samples), desc=desc, unit="sample", disable=not progress, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+    with tqdm(total=sum(map(len, batches)), desc=desc, unit="sample", disable=not (progress and shard.is_main),
+              leave=False) as bar:
+        for idx in batches:
             images = [load_image(samples[i].image) for i in idx]
             prompts = [with_placeholder(samples[i].prompt, ph) for i in idx]
             t0 = time.perf_counter()
@@ -87,7 +96,11 @@ def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: 
             for i, a in zip(idx, answers):
                 outputs[i] = a if isinstance(a, str) else str(a)
             bar.update(len(idx))
-    return [o or "" for o in outputs], gen_s
+    if shard.world > 1:
+        parts = shard.gather((outputs, gen_s))
+        outputs = {i: a for answered, _ in parts for i, a in answered.items()}
+        gen_s = sum(g for _, g in parts)
+    return [outputs.get(i) or "" for i in range(len(samples))], gen_s
 
 
 def _versions() -> dict[str, str]:
@@ -105,10 +118,12 @@ def _versions() -> dict[str, str]:
 def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config: EvalConfig | None = None,
              model_name: str | None = None, progress: bool = True,
              parts: list[tuple[str, Task, Path]] | None = None,
-             samples: list[list[Sample]] | None = None) -> dict[str, Any]:
+             samples: list[list[Sample]] | None = None, shard: Shard = SINGLE) -> dict[str, Any]:
     """Run ``task`` on ``data`` and return the results dict (see module doc).
 
     ``parts``/``samples`` may be passed pre-loaded (the CLI validates data before loading the model).
+    ``shard``: this process's place under ``accelerate launch`` (:mod:`fuse.eval.distributed`);
+    every process returns the same results.
     """
     cfg = config or EvalConfig()
     parts = parts if parts is not None else task_parts(task, data)
@@ -119,11 +134,12 @@ def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config:
     t0 = time.perf_counter()
     for (name, t, _), ss in zip(parts, samples):
         outs, g = generate_all(model, ss, cfg.batch_size, cfg.max_new_tokens, cfg.sort_by_length, progress,
-                               desc=f"{task}:{name}" if composite else task, **cfg.gen_kwargs)
+                               desc=f"{task}:{name}" if composite else task, shard=shard, **cfg.gen_kwargs)
         gen_s += g
         scored[name] = t.score(ss, outs)
     wall = time.perf_counter() - t0
     n = sum(len(s) for s in samples)
+    mine = sum(len(b) for ss in samples for b in shard.take(batch_schedule(ss, cfg.batch_size, cfg.sort_by_length)))
 
     def pick(attr: str) -> Any:
         if composite:
@@ -141,7 +157,8 @@ def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config:
                    "parts": {name: str(p) for name, _, p in parts},
                    "prompts": {"short_answer": SHORT_ANSWER, "multiple_choice": OPTION_LETTER}},
         "timing": {"eval_s": round(wall, 4), "generate_s": round(gen_s, 4),
-                   "samples_per_s": round(n / wall, 3) if wall > 0 else None},
+                   "samples_per_s": round(n / wall, 3) if wall > 0 else None,
+                   "processes": shard.world, "samples_per_process": shard.gather(mine)},
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

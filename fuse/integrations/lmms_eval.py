@@ -158,7 +158,7 @@ if HAVE_LMMS_EVAL:
             ignored = {k: v for k, v in kwargs.items() if k not in ("max_batch_size",) and v is not None}
             if ignored:
                 warnings.warn(f"visionfuse: ignoring unsupported model_args {sorted(ignored)}", stacklevel=2)
-            from ..cli_utils import parse_dtype
+            from ..dtypes import parse_dtype
             from ..eval.loader import load_for_eval
 
             self._model = load_for_eval(self.pretrained, format=format, dtype=parse_dtype(dtype), device=device)

@@ -20,15 +20,16 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import LazyCheckpoint, read_json
-from ..errors import CheckpointError, FormatError
+from ..checkpoint import LazyCheckpoint
+from ..dtypes import most_common_dtype
+from ..errors import FormatError
+from ..fused_layout import VISION_CONFIG, VISION_WEIGHTS
+from ..state_dict import load_state_dict_strict
 from .text import TextSide
 
-VISION_CONFIG = "vision_config.json"
-VISION_WEIGHTS = "vision.safetensors"
 CHECKPOINT_LAYOUT = "checkpoint"  # vision_config.json "layout" of a byte copy made by fuse merge
 
 # LlamaConfig fields that define the LLM (everything else in an MLLM config is dropped).
@@ -45,7 +46,7 @@ FAMILY_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "tie_word_embeddings")
 
 
-# LlamaConfig's defaults for the fields above (transformers' own values; see tests/fuse/test_llm_config.py).
+# LlamaConfig's defaults for the fields above (transformers' own values; see tests/fuse/members/test_llm_config.py).
 LLAMA_DEFAULTS = {
     "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
     "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "initializer_range": 0.02,
@@ -55,13 +56,22 @@ LLAMA_DEFAULTS = {
 }
 
 
-def llm_config_from(cfg: dict) -> dict:
+LLM_SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def llm_config_from(cfg: dict, where: str | os.PathLike | None = None) -> dict:
     """A ``LlamaForCausalLM`` config dict from an MLLM config (drops mm_*/vision fields).
 
     Filled with LlamaConfig's defaults and rope folded into ``rope_parameters`` the way
     transformers 5 does, but from plain dicts: opening a member for a merge must not pay
-    for importing transformers' modeling code.
+    for importing transformers' modeling code. ``where``: the checkpoint's config file; a
+    checkpoint must state its shape fields (:data:`LLM_SHAPE_FIELDS`), so a missing one is
+    refused naming the file (a default of 4096 would show up later as a baffling
+    "hidden_size 4096 != 64").
     """
+    missing = [k for k in LLM_SHAPE_FIELDS if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool)]
+    if where is not None and missing:
+        raise FormatError(f"{where}: no {', '.join(missing)} (an integer) in the language model's config")
     kept = {k: v for k, v in cfg.items() if k in LLM_CONFIG_FIELDS}
     d = {**LLAMA_DEFAULTS, **kept}
     if d.get("num_key_value_heads") is None:
@@ -126,12 +136,11 @@ class LLMPart:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.float32)
         sd = {n: self.get(n, dtype or self.dtype(n)) for n in self.keys}
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if cfg.tie_word_embeddings:
-            missing = [m for m in missing if m != "lm_head.weight"]
+        tied = bool(cfg.tie_word_embeddings)  # a tied lm_head is the embedding, never stored
+        load_state_dict_strict(model, sd, self.reader.path, "LLM weights and LlamaForCausalLM",
+                               may_miss=lambda k: tied and k == "lm_head.weight")
+        if tied:
             model.tie_weights()
-        if missing or unexpected:
-            raise FormatError(f"LLM weights do not fit LlamaForCausalLM: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model.to(device).eval()
 
 
@@ -178,21 +187,6 @@ class VisionBranch(nn.Module):
         return next(self.parameters()).dtype
 
 
-VISION_BRANCHES: dict[str, type[VisionBranch]] = {}
-
-
-def register_branch(cls: type[VisionBranch]) -> type[VisionBranch]:
-    VISION_BRANCHES[cls.kind] = cls
-    return cls
-
-
-def branch_class(kind: str) -> type[VisionBranch]:
-    try:
-        return VISION_BRANCHES[kind]
-    except KeyError:
-        raise FormatError(f"unknown vision branch kind {kind!r}; known: {', '.join(sorted(VISION_BRANCHES))}") from None
-
-
 @dataclass
 class Member:
     """One MLLM checkpoint, split into its three parts."""
@@ -214,13 +208,9 @@ class Member:
 
     def vision_source_dtype(self) -> torch.dtype | None:
         """The most common dtype of the checkpoint's non-LLM tensors (None if unknown)."""
-        counts: dict[torch.dtype, int] = {}
         reader = self.llm.reader
-        for key, part in self.key_usage.items():
-            if part != "llm" and key in reader:
-                dt = reader.dtype(key)
-                counts[dt] = counts.get(dt, 0) + 1
-        return max(counts, key=counts.get) if counts else None
+        return most_common_dtype(reader.dtype(key) for key, part in self.key_usage.items()
+                                 if part != "llm" and key in reader)
 
     def save_vision_branch(self, directory: str | os.PathLike) -> None:
         """Write the branch in the dtype it had in the source checkpoint (no silent size/precision change)."""
@@ -253,51 +243,23 @@ def save_vision_branch(branch: VisionBranch, directory: str | os.PathLike, text:
     (d / VISION_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
 
 
-def load_vision_branch(directory: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[VisionBranch, dict]:
-    """Rebuild a branch written by :func:`save_vision_branch` (``layout: module``, the branch's
-    own state dict) or copied by ``fuse merge`` (``layout: checkpoint``: the member's own
-    non-LLM tensors and config files, rebuilt by its format adapter); returns (branch, config json)."""
-    d = Path(directory)
-    cfg = read_json(d / VISION_CONFIG, "vision branch config")
-    if not (d / VISION_WEIGHTS).is_file():
-        raise CheckpointError(f"{d / VISION_WEIGHTS}: missing vision branch weights")
-    if cfg.get("layout") == CHECKPOINT_LAYOUT:
-        return _load_copied_branch(d, cfg, dtype), cfg
-    branch = branch_class(cfg["kind"]).from_spec(cfg["spec"])
-    LazyCheckpoint(d / VISION_WEIGHTS)  # validates header / truncation with a clear error
-    sd = load_file(str(d / VISION_WEIGHTS))
-    missing, unexpected = branch.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{d / VISION_WEIGHTS}: weights do not fit the {cfg['kind']} branch "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if dtype is not None:
-        branch.to(dtype)
-    return branch.eval(), cfg
-
-
-def _load_copied_branch(d: Path, cfg: dict, dtype: torch.dtype | None) -> VisionBranch:
-    from . import _load_plugins, load_member
-
-    _load_plugins()  # MGM / SliME / COMM adapters register on import
-    fmt = cfg.get("format")
-    if fmt not in FORMATS:
-        raise CheckpointError(f"{d / VISION_CONFIG}: format {fmt!r} unknown (known: {', '.join(sorted(FORMATS))})")
-    member = load_member(d, format=fmt, dtype=dtype, **(cfg.get("options") or {}))
-    if member.vision is None:
-        raise CheckpointError(f"{d}: the {fmt} adapter built no vision branch")
-    return member.vision.eval()
-
-
 class FormatAdapter:
-    """Reads one on-disk checkpoint format into a :class:`Member`. Registered by name.
+    """Reads one on-disk checkpoint format into a :class:`Member` (listed in :mod:`fuse.members.registry`).
 
     ``branch_kind``: the :class:`VisionBranch` kind the adapter builds. ``vision_files``:
     small files besides ``config.json`` that building the branch reads (copied with it).
+    An adapter implements :meth:`detect` and :meth:`build_member`, the one override point for
+    reading; :meth:`load` (the entry point) is the same for every adapter.
     """
 
     name: ClassVar[str] = ""
     branch_kind: ClassVar[str] = ""
     vision_files: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "load" in cls.__dict__:  # it would skip the no-init wrapper below
+            raise TypeError(f"{cls.__name__}: format adapters implement build_member, not load")
 
     @classmethod
     def copyable_vision(cls, member: "Member") -> bool:
@@ -312,30 +274,26 @@ class FormatAdapter:
 
     @classmethod
     def load(cls, path: Path, config: dict, reader: LazyCheckpoint, vision: bool = True, **options: Any) -> Member:
-        """Default: run :meth:`_load` without random weight init (every parameter is then
-        loaded strictly from the checkpoint, so initialising it first is wasted work).
+        """Run :meth:`build_member` without random weight init: every parameter is then loaded strictly
+        from the checkpoint (or from the tower it names), so initialising it first is wasted work.
 
         ``vision=False``: LLM part, text side and key usage only (``member.vision`` is None):
         no module is built, so a merge never imports transformers' modeling code.
         """
         if not vision:
-            return cls._load(path, config, reader, vision=False, **options)
+            return cls.build_member(path, config, reader, vision=False, **options)
         from transformers.initialization import no_init_weights
 
         with no_init_weights():
-            return cls._load(path, config, reader, **options)
+            return cls.build_member(path, config, reader, **options)
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
+        """Read the checkpoint at ``path`` (``config``: its config.json, ``reader``: its tensors) into a
+        :class:`Member`; build the vision branch in ``dtype`` unless ``vision`` is False. ``options``:
+        the recipe member's ``options`` (unknown ones are a TypeError naming them)."""
         raise NotImplementedError
-
-
-FORMATS: dict[str, type[FormatAdapter]] = {}
-
-
-def register_format(cls: type[FormatAdapter]) -> type[FormatAdapter]:
-    FORMATS[cls.name] = cls
-    return cls
 
 
 def claim_keys(keys: Sequence[str], rules: Sequence[tuple[str, Any]]) -> tuple[dict[str, str], dict[str, list[str]]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..checkpoint import LazyCheckpoint
 from ..errors import FormatError
+from ..fused_layout import has_tokenizer, union_eos_ids
 
 
 def as_list(x: Any) -> list[int]:
@@ -19,7 +20,6 @@ def as_list(x: Any) -> list[int]:
 
 def eos_ids(path: Path, *configs: dict) -> list[int]:
     """Union of eos ids from generation_config.json and the given config dicts, in order found."""
-    out: list[int] = []
     gen = path / "generation_config.json"
     sources = []
     if gen.is_file():
@@ -27,18 +27,12 @@ def eos_ids(path: Path, *configs: dict) -> list[int]:
             sources.append(json.loads(gen.read_text()))
         except json.JSONDecodeError:
             pass
-    sources += list(configs)
-    for src in sources:
-        for i in as_list(src.get("eos_token_id")):
-            if i not in out:
-                out.append(i)
-    return out
+    return union_eos_ids(*(as_list(src.get("eos_token_id")) for src in [*sources, *configs]))
 
 
 def tokenizer_dir(path: Path) -> str | None:
     """The member dir if it holds tokenizer files, else None."""
-    names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-    return str(path) if any((path / n).is_file() for n in names) else None
+    return str(path) if has_tokenizer(path) else None
 
 
 def clip_config_from_keys(reader: LazyCheckpoint, prefix: str, hub_id: str | None = None) -> dict:
@@ -46,8 +40,11 @@ def clip_config_from_keys(reader: LazyCheckpoint, prefix: str, hub_id: str | Non
 
     Prefers the config of ``hub_id`` (a local dir, or the local HF cache: no download);
     otherwise infers sizes from tensor shapes with heads = hidden // 64 (true for every
-    OpenAI CLIP ViT).
+    OpenAI CLIP ViT) and, unless ``hub_id`` names an OpenAI CLIP ViT, warns naming what was
+    guessed: a wrong head count changes every visual token without any other sign.
     """
+    import warnings
+
     from transformers import CLIPVisionConfig
 
     if hub_id:
@@ -63,8 +60,15 @@ def clip_config_from_keys(reader: LazyCheckpoint, prefix: str, hub_id: str | Non
         raise FormatError(f"{reader.path}: vision tower weights under {prefix!r} are incomplete") from None
     layers = 1 + max(int(m[1]) for k in reader.keys() if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k)))
     side = round((n_pos - 1) ** 0.5) * p
+    heads = max(1, d // 64)
+    if not (hub_id and re.search(r"openai/clip-vit", str(hub_id), re.I)):  # the guess is OpenAI CLIP's design
+        source = f"mm_vision_tower {hub_id!r} is not available locally" if hub_id else "no tower config is named"
+        warnings.warn(f"{reader.path}: {source}; the CLIP tower config was guessed from the weight shapes: {layers} "
+                      f"layers, hidden {d}, {heads} attention head{'s' if heads > 1 else ''} (hidden/64, as in OpenAI "
+                      f"CLIP), {side} px images, quick_gelu; if the tower differs its visual tokens are wrong",
+                      UserWarning, stacklevel=2)
     return CLIPVisionConfig(hidden_size=d, intermediate_size=inter, num_hidden_layers=layers,
-                            num_attention_heads=max(1, d // 64), image_size=side, patch_size=p,
+                            num_attention_heads=heads, image_size=side, patch_size=p,
                             hidden_act="quick_gelu", layer_norm_eps=1e-5).to_dict()
 
 

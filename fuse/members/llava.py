@@ -17,7 +17,7 @@ import torch
 from ..checkpoint import LazyCheckpoint
 from ..encoders import ClipEncoder
 from ..errors import FormatError
-from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from, register_format
+from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from
 from .common import clip_config_from_keys, eos_ids, llama_llm_keys, tokenizer_dir
 from .llava_branch import LlavaBranch
 from .llava_hf import load_projector
@@ -47,11 +47,9 @@ def load_clip_tower(reader: LazyCheckpoint, config: dict, tower_keys: list[str],
     return enc
 
 
-@register_format
 class LlavaAdapter(FormatAdapter):
     name = "llava"
     branch_kind = "llava"
-    vision_files = ()
 
     @classmethod
     def copyable_vision(cls, member: Member) -> bool:
@@ -65,8 +63,8 @@ class LlavaAdapter(FormatAdapter):
             config.get("mm_projector_type", "mlp2x_gelu") != "gated"
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."), ("projector", r"^model\.mm_projector\."),
             *[(p, rx) for rx, p in LLM_RULES],
@@ -74,7 +72,7 @@ class LlavaAdapter(FormatAdapter):
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise FormatError(f"{path / 'config.json'}: mm_vision_select_feature {select!r} (expected patch or cls_patch)")
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         proj_type = config.get("mm_projector_type", "linear")
         if not parts.get("projector"):
             raise FormatError(f"{path}: no model.mm_projector.* weights (is this a base LLM, not a LLaVA model?)")

@@ -15,11 +15,10 @@ import torch
 from PIL import Image
 
 from ..encoders import Encoder, encoder_from_spec
-from .base import VisionBranch, register_branch
-from .projectors import build_projector
+from ..fusions.projectors import build_projector
+from .base import VisionBranch
 
 
-@register_branch
 class LlavaBranch(VisionBranch):
     kind = "llava"
 

@@ -18,7 +18,8 @@ import torch
 from ..checkpoint import LazyCheckpoint
 from ..encoders import MODEL_TYPES, encoder_class
 from ..errors import FormatError
-from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from, register_format
+from ..state_dict import load_state_dict_strict
+from .base import FormatAdapter, LLMPart, Member, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava_branch import LlavaBranch
 from .text import TextSide, has_chat_template
@@ -38,7 +39,6 @@ def _proj_key(k: str) -> str:
     return re.sub(r"^linear_(\d)", lambda m: str(2 * (int(m[1]) - 1)), k)
 
 
-@register_format
 class LlavaHFAdapter(FormatAdapter):
     name = "llava-hf"
     branch_kind = "llava"
@@ -53,8 +53,8 @@ class LlavaHFAdapter(FormatAdapter):
         return "LlavaForConditionalGeneration" in (config.get("architectures") or []) or config.get("model_type") == "llava"
 
     @classmethod
-    def load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-             vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", VISION_RX), ("projector", PROJ_RX),
             ("llm", r"^(language_model\.|model\.language_model\.|lm_head\.)"),
@@ -67,7 +67,7 @@ class LlavaHFAdapter(FormatAdapter):
         layer = config.get("vision_feature_layer", -2)
         select = "patch" if config.get("vision_feature_select_strategy", "default") == "default" else "full"
         llm_keys = llama_llm_keys(parts.get("llm", []), LLM_RENAME)
-        llm_conf = llm_config_from(text_cfg)
+        llm_conf = llm_config_from(text_cfg, f"{path / 'config.json'} (text_config)")
         act = config.get("projector_hidden_act", "gelu")
         if act != "gelu":
             raise FormatError(f"{path / 'config.json'}: projector_hidden_act {act!r} not supported (gelu only)")
@@ -97,7 +97,4 @@ class LlavaHFAdapter(FormatAdapter):
 
 def load_projector(projector: torch.nn.Module, sd: dict, path: Path) -> None:
     """Strictly load projector weights; FormatError naming the checkpoint otherwise."""
-    missing, unexpected = projector.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: projector weights do not fit the projector described by config.json "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_state_dict_strict(projector, sd, path, "projector weights and the projector described by config.json")

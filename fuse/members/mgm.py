@@ -16,12 +16,18 @@ keys                                                   part            module he
 
 Vision branch (per image), following MGM's ``encode_images``:
 
-1. pad to square with the CLIP mean colour; CLIP processor at ``image_size_aux`` (768;
-   1536 for HD) -> ConvNeXt input. The CLIP input is that same normalised tensor
-   bilinearly resized (``align_corners=False``, no antialias) to ``336 * image_grid``.
+1. alpha dropped (``Image.convert("RGB")``); padded to square with the CLIP mean colour when the
+   config says ``image_aspect_ratio: pad`` (MGM's ``process_images``; otherwise the CLIP
+   processor's shortest-edge resize and centre crop do the squaring); CLIP processor at
+   ``image_size_aux`` (768; 1536 for HD) -> ConvNeXt input. The CLIP input is that same
+   normalised tensor bilinearly resized (``align_corners=False``, no antialias) to ``336 * image_grid``.
 2. CLIP layer ``mm_vision_select_layer`` (-2), patch tokens: ``[576, 1024]`` per view.
 3. ConvNeXt 4 stage maps -> upsample to stage 0 and concatenate -> ``[2880, 192, 192]``.
 4. patch info mining over 8x8 windows, added to the CLIP tokens; mlp2x_gelu projector.
+
+The branch runs in eval mode, so it is deterministic. (MGM's own code never puts its open_clip
+ConvNeXt in eval mode, and ``convnext_large_d_320`` has stochastic depth 0.1, so upstream
+inference drops residual branches at random; the trunk here has no stochastic depth at all.)
 
 HD (``image_grid: 2``, ``image_global: true``): the 672 px CLIP input is cut into 2x2
 336 px crops (row-major) plus a global 336 px view; the aux map is cut likewise (crops)
@@ -42,14 +48,15 @@ from ..checkpoint import LazyCheckpoint
 from ..encoders import ClipEncoder, ConvNextEncoder, encoder_from_spec
 from ..encoders.convnext import config_from_timm_shapes
 from ..errors import FormatError
+from ..fusions.projectors import build_projector
+from ..fused_layout import union_eos_ids
 from ..images import mean_color, pad_to_square, to_rgb
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from ..state_dict import load_state_dict_strict
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .llava_hf import load_projector
 from .mgm_mining import PatchInfoMining, concat_stage_maps
-from .projectors import build_projector
 from .text import TextSide, tokenizer_vocab
 
 AUX = "model.vision_tower_aux."
@@ -59,7 +66,6 @@ MGM_ARCHS = ("MGMLlamaForCausalLM", "MiniGeminiLlamaForCausalLM")
 MGM_TYPES = ("mgm", "mini_gemini")
 
 
-@register_branch
 class MGMBranch(VisionBranch):
     """CLIP + ConvNeXt aux tower + patch info mining + projector (see module docstring).
 
@@ -71,7 +77,7 @@ class MGMBranch(VisionBranch):
 
     def __init__(self, encoder: ClipEncoder, aux_encoder: ConvNextEncoder, mining: PatchInfoMining,
                  projector_type: str, llm_hidden: int, select_layer: int = -2, image_size_aux: int = 768,
-                 image_grid: int = 1, image_global: bool = False):
+                 image_grid: int = 1, image_global: bool = False, pad_square: bool = True):
         super().__init__()
         self.encoder = encoder
         self.aux_encoder = aux_encoder
@@ -83,6 +89,7 @@ class MGMBranch(VisionBranch):
         self.image_size_aux = image_size_aux
         self.image_grid = image_grid
         self.image_global = image_global
+        self.pad_square = pad_square  # config image_aspect_ratio == "pad"
         self._aux_processor = None
 
     # -- serialisation ------------------------------------------------------
@@ -95,13 +102,14 @@ class MGMBranch(VisionBranch):
                 "query_dim": self.mining.query_dim, "aux_dim": self.mining.aux_dim,
                 "projector_type": self.projector_type, "llm_hidden": self.llm_hidden,
                 "select_layer": self.select_layer, "image_size_aux": self.image_size_aux,
-                "image_grid": self.image_grid, "image_global": self.image_global}
+                "image_grid": self.image_grid, "image_global": self.image_global, "pad_square": self.pad_square}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "MGMBranch":
         return cls(encoder_from_spec(spec["encoder"]), encoder_from_spec(spec["aux_encoder"]),
                    PatchInfoMining(spec["query_dim"], spec["aux_dim"]), spec["projector_type"], spec["llm_hidden"],
-                   spec["select_layer"], spec["image_size_aux"], spec["image_grid"], spec["image_global"])
+                   spec["select_layer"], spec["image_size_aux"], spec["image_grid"], spec["image_global"],
+                   spec.get("pad_square", True))  # branches saved before the flag existed were padded
 
     # -- layout -------------------------------------------------------------
     @property
@@ -137,7 +145,8 @@ class MGMBranch(VisionBranch):
 
     def preprocess(self, images: Sequence[Image.Image]) -> dict[str, Any]:
         fill = mean_color(tuple(self.encoder.processor.image_mean))
-        squares = [pad_to_square(to_rgb(im), fill) for im in images]
+        rgb = [to_rgb(im) for im in images]
+        squares = [pad_to_square(im, fill) for im in rgb] if self.pad_square else rgb
         aux = self.aux_processor(squares, return_tensors="pt")["pixel_values"]            # [B, 3, A, A]
         s, g = self.encoder.image_size, self.image_grid
         raw = F.interpolate(aux, size=(s * g, s * g), mode="bilinear", align_corners=False)
@@ -187,11 +196,9 @@ def _aux_size_ok(image_size_aux: int, stem_patch: int, grid: int, image_grid: in
     return image_size_aux % stem_patch == 0 and (image_size_aux // stem_patch) % (grid * image_grid) == 0
 
 
-@register_format
 class MGMAdapter(FormatAdapter):
     name = "mgm"
     branch_kind = "mgm"
-    vision_files = ()
 
     @classmethod
     def copyable_vision(cls, member: Member) -> bool:
@@ -203,8 +210,8 @@ class MGMAdapter(FormatAdapter):
         return any(a in archs for a in MGM_ARCHS) or config.get("model_type") in MGM_TYPES
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("aux_encoder", r"^model\.vision_tower_aux\."),
@@ -221,12 +228,13 @@ class MGMAdapter(FormatAdapter):
         if not parts.get("projector"):
             raise FormatError(f"{path}: MGM checkpoint has no {PROJ}* weights")
 
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         require_clip_tower(path, config, parts.get("encoder", []), options)
         branch = None
         if vision:
             encoder = load_clip_tower(reader, config, parts.get("encoder", []), options)
-            encoder.pad_square = True
+            pad = config.get("image_aspect_ratio") == "pad"  # MGM's process_images pads only then
+            encoder.pad_square = pad
             aux_encoder = _load_aux_tower(reader, parts["aux_encoder"], config, path)
 
             try:
@@ -240,7 +248,8 @@ class MGMAdapter(FormatAdapter):
             if aux_dim != stage_sum:
                 raise FormatError(f"{path}: mining aux width {aux_dim} != sum of ConvNeXt stage widths {stage_sum}")
             mining = PatchInfoMining(query_dim, aux_dim)
-            _strict_load(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path, "patch-info-mining")
+            load_state_dict_strict(mining, {k[len(MINING):]: reader.get(k) for k in parts["mining"]}, path,
+                                   "patch-info-mining weights")
 
             image_grid = int(config.get("image_grid", 1) or 1)
             image_global = bool(config.get("image_global", False))
@@ -254,7 +263,7 @@ class MGMAdapter(FormatAdapter):
                 raise FormatError(f"{cfg_file}: mm_vision_select_feature {select!r} not supported by MGM (expected patch)")
             branch = MGMBranch(encoder, aux_encoder, mining, config.get("mm_projector_type", "mlp2x_gelu"),
                                llm_conf["hidden_size"], int(config.get("mm_vision_select_layer", -2)), size_aux,
-                               image_grid, image_global)
+                               image_grid, image_global, pad)
             load_projector(branch.projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"]}, path)
             if dtype is not None:
                 branch.to(dtype)
@@ -263,12 +272,6 @@ class MGMAdapter(FormatAdapter):
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
-
-
-def _strict_load(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _load_aux_tower(reader: LazyCheckpoint, keys: list[str], config: dict, path: Path) -> ConvNextEncoder:
@@ -310,8 +313,7 @@ def mgm_text_side(path: Path, config: dict, options: dict) -> TextSide:
     tok = tokenizer_dir(path)
     eot = llama3_eot_ids(tok)
     style = options.get("prompt_style") or ("mgm_llama_3" if eot else "vicuna_v1")
-    eos = eos_ids(path, config)
-    eos += [i for i in eot if i not in eos]
+    eos = union_eos_ids(eos_ids(path, config), eot)
     return TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos)
 
 

@@ -22,7 +22,9 @@ Vision branch (per image), following SliME's ``encode_images`` with ``mm_patch_m
 3. global: gated projector (MLP path and resampler path mixed per token) -> ``[576, D_llm]``.
 4. locals: ``post_qformer`` -> 144 tokens per crop, the MLP path of the projector,
    re-ordered row-major over the whole crop grid (``spatial``) -> ``[n*144, D_llm]``;
-   then text-guided selection against the prompt's token embeddings (cumulative mass 0.95 + 1).
+   then text-guided selection against the prompt's token embeddings (cumulative mass 0.95 + 1),
+   computed in the branch's dtype as SliME does (member option ``selection_dtype: float32`` to
+   select in float32 instead).
 5. sequence ``[global 576][separator][selected locals]``; the separator is the LLM embedding
    of token ``seperator`` (11 = "," for LLaMA-3). The branch stores SliME's own row 11 (read
    from the checkpoint at load time); the fused model binds its merged embedding table with
@@ -46,11 +48,13 @@ from PIL import Image
 from safetensors import safe_open
 
 from ..checkpoint import LazyCheckpoint
+from ..dtypes import MODEL_DTYPES, dtype_name, torch_dtype
 from ..encoders import ClipEncoder, encoder_from_spec
 from ..errors import CheckpointError, FormatError
+from ..fused_layout import union_eos_ids
+from ..state_dict import load_state_dict_strict
 from .anyres import anyres_views
-from .base import (FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from, register_branch,
-                   register_format)
+from .base import FormatAdapter, LLMPart, Member, VisionBranch, claim_keys, llm_config_from
 from .common import eos_ids, llama_llm_keys, tokenizer_dir
 from .llava import LLM_RENAME, LLM_RULES, load_clip_tower, require_clip_tower
 from .mgm import llama3_eot_ids
@@ -62,7 +66,6 @@ SAMPLER = "model.sampler."
 DEFAULT_SEPARATOR_ID = 11  # SliME: tokenizer(",").input_ids[-1] for LLaMA-3
 
 
-@register_branch
 class SliMEBranch(VisionBranch):
     """CLIP + gated projector (global) + compressed, text-selected local crops.
 
@@ -118,14 +121,15 @@ class SliMEBranch(VisionBranch):
                 "global_grid": p.attn.grid, "num_heads": p.attn.num_heads, "learnable_gated": p.learnable_gated,
                 "local_queries": s.grid ** 2, "top_p": s.top_p, "temperature": s.temperature,
                 "select_layer": self.select_layer, "merge": self.merge, "use_global_only": self.use_global_only,
-                "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id}
+                "use_local_only": self.use_local_only, "separator_token_id": self.separator_token_id,
+                "selection_dtype": None if s.selection_dtype is None else dtype_name(s.selection_dtype)}
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "SliMEBranch":
         proj = GatedProjector(spec["mm_hidden"], spec["llm_hidden"], spec["global_grid"], spec["num_heads"],
                               spec["learnable_gated"])
         sampler = LocalSampler(spec["mm_hidden"], spec["local_queries"], spec["num_heads"], spec["top_p"],
-                               spec["temperature"])
+                               spec["temperature"], selection_dtype(spec.get("selection_dtype")))
         return cls(encoder_from_spec(spec["encoder"]), proj, sampler, spec["llm_hidden"], spec["select_layer"],
                    spec["merge"], spec["use_global_only"], spec["use_local_only"], spec["separator_token_id"])
 
@@ -212,6 +216,15 @@ class SliMEBranch(VisionBranch):
         return out
 
 
+def selection_dtype(name: str | None) -> torch.dtype | None:
+    """The dtype of SliME's text-guided selection: None = the branch's dtype (SliME's own behaviour)."""
+    if name is None:
+        return None
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"expected one of {', '.join(MODEL_DTYPES)} or null (the branch dtype), got {name!r}")
+    return torch_dtype(name)
+
+
 def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
     """One row of a stored 2-D tensor without reading the rest (memory-mapped slice)."""
     info = reader.info(key)
@@ -224,13 +237,6 @@ def _read_row(reader: LazyCheckpoint, key: str, row: int) -> torch.Tensor:
         raise CheckpointError(f"{info.file}: cannot read {key} row {row} ({e})") from None
 
 
-def _strict(module: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    missing, unexpected = module.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise FormatError(f"{path}: {what} weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-@register_format
 class SliMEAdapter(FormatAdapter):
     name = "slime"
     branch_kind = "slime"
@@ -243,8 +249,8 @@ class SliMEAdapter(FormatAdapter):
                           or any(k.startswith((PROJ + "projection.", SAMPLER)) for k in keys))
 
     @classmethod
-    def _load(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
-              vision: bool = True, **options: Any) -> Member:
+    def build_member(cls, path: Path, config: dict, reader: LazyCheckpoint, dtype: torch.dtype | None = None,
+                     vision: bool = True, **options: Any) -> Member:
         usage, parts = claim_keys(reader.keys(), [
             ("encoder", r"^model\.vision_tower\.vision_tower\."),
             ("resampler", r"^model\.mm_projector\.attn\."),
@@ -258,7 +264,7 @@ class SliMEAdapter(FormatAdapter):
                            ("sampler", f"{SAMPLER}post_qformer.*")):
             if not parts.get(part):
                 raise FormatError(f"{path}: SliME checkpoint has no {what} weights")
-        llm_conf = llm_config_from(config)
+        llm_conf = llm_config_from(config, path / "config.json")
         sep_id = int(config.get("seperator", config.get("separator", DEFAULT_SEPARATOR_ID)))
         llm = LLMPart(config=llm_conf, keys=llama_llm_keys(parts.get("llm", []), LLM_RENAME), reader=reader)
         if "model.embed_tokens.weight" not in llm.keys:
@@ -287,11 +293,17 @@ class SliMEAdapter(FormatAdapter):
             heads = mm_hidden // 128
             projector = GatedProjector(mm_hidden, llm_hidden, math.isqrt(global_q), heads,
                                        int(config.get("mm_learnable_gated", -1)))
-            _strict(projector, {k[len(PROJ):]: reader.get(k) for k in parts["projector"] + parts["resampler"]}, path,
-                    "gated projector")
+            load_state_dict_strict(projector, {k[len(PROJ):]: reader.get(k)
+                                               for k in parts["projector"] + parts["resampler"]},
+                                   path, "gated projector weights")
+            try:
+                sel_dtype = selection_dtype(options.get("selection_dtype"))
+            except ValueError as e:
+                raise FormatError(f"{path}: options.selection_dtype: {e}") from None
             sampler = LocalSampler(mm_hidden, local_q, heads, float(config.get("mm_resampler_topp", 0.95)),
-                                   float(config.get("mm_resampler_temp", 1.0)))
-            _strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path, "sampler")
+                                   float(config.get("mm_resampler_temp", 1.0)), sel_dtype)
+            load_state_dict_strict(sampler, {k[len(SAMPLER):]: reader.get(k) for k in parts["sampler"]}, path,
+                                   "sampler weights")
 
             if llm_hidden != llm_conf["hidden_size"]:
                 raise FormatError(f"{path}: projector output {llm_hidden} != LLM hidden_size {llm_conf['hidden_size']}")
@@ -305,8 +317,7 @@ class SliMEAdapter(FormatAdapter):
         tok = tokenizer_dir(path)
         eot = llama3_eot_ids(tok)
         style = options.get("prompt_style") or ("slime_llama3" if eot else "vicuna_v1")
-        eos = eos_ids(path, config)
-        eos += [i for i in eot if i not in eos]
+        eos = union_eos_ids(eos_ids(path, config), eot)
         text = TextSide(tokenizer_path=tok, prompt_style=style, eos_token_ids=eos, separator_token_id=sep_id)
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)

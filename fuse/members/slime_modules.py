@@ -15,7 +15,11 @@
   by the *sum* over prompt tokens of its cosine similarity with their embeddings; scores are
   softmaxed (temperature ``mm_resampler_temp``), sorted, and the top tokens are kept while
   the cumulative mass stays <= ``top_p`` (0.95), plus one more; kept tokens stay in their
-  original (spatial) order.
+  original (spatial) order. All of it in the branch's dtype, as SliME's ``TextGuidedSampler``
+  computes it in the model's (fp16/bf16 in its evaluation): the rounding of the scores, of the
+  softmax, of the cumulative sum and of ``top_p`` itself (0.95 is 0.9502 in fp16, 0.9492 in bf16)
+  decides where the cut falls, so a float32 cut keeps a different set on a good share of images.
+  ``LocalSampler(selection_dtype=torch.float32)`` is the float32 variant, as an option.
 """
 
 from __future__ import annotations
@@ -110,13 +114,14 @@ class LocalSampler(nn.Module):
     """``model.sampler``: per-crop compression (``post_qformer``) + text-guided selection settings."""
 
     def __init__(self, mm_hidden: int, num_queries: int, num_heads: int, top_p: float = 0.95,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, selection_dtype: torch.dtype | None = None):
         super().__init__()
         grid = math.isqrt(num_queries)
         if grid * grid != num_queries:
             raise ValueError(f"mm_resampler_dim must be a square number, got {num_queries}")
         self.post_qformer = Resampler(grid, mm_hidden, num_heads)
         self.top_p, self.temperature = top_p, temperature
+        self.selection_dtype = selection_dtype  # None: the local tokens' dtype (the branch's), as SliME
 
     @property
     def grid(self) -> int:
@@ -127,22 +132,25 @@ class LocalSampler(nn.Module):
         return self.post_qformer(crops)
 
     def select(self, local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Indices (ascending) of the local tokens ``[M, D_llm]`` kept for prompt ``text [T, D_llm]``."""
-        return cumulative_mass_cut(text_relevance(local, text), self.top_p, self.temperature)
+        """Indices (ascending) of the local tokens ``[M, D_llm]`` kept for prompt ``text [T, D_llm]``,
+        computed in ``selection_dtype`` (default: ``local``'s dtype)."""
+        dt = self.selection_dtype or local.dtype
+        return cumulative_mass_cut(text_relevance(local.to(dt), text.to(dt)), self.top_p, self.temperature)
 
 
 def text_relevance(local: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``[M]``: sum over the ``T`` prompt tokens of cosine(local token, text token) (float32)."""
-    sim = F.cosine_similarity(local.float()[:, None], text.float()[None], dim=-1)  # [M, T]
+    """``[M]``: sum over the ``T`` prompt tokens of cosine(local token, text token), in the inputs' dtype."""
+    sim = F.cosine_similarity(local[:, None], text.to(local.dtype)[None], dim=-1)  # [M, T]
     return sim.sum(-1)
 
 
 def cumulative_mass_cut(scores: torch.Tensor, top_p: float = 0.95, temperature: float = 1.0) -> torch.Tensor:
     """Keep the most probable tokens while their cumulative softmax mass is <= ``top_p``, plus one.
 
-    Returns the kept indices in ascending order (so spatial order is preserved).
+    Softmax, sort, cumulative sum and the comparison run in ``scores``' dtype. Returns the kept
+    indices in ascending order (so spatial order is preserved).
     """
-    probs = (scores.float() / temperature).softmax(-1)
+    probs = (scores / temperature).softmax(-1)
     sorted_p, order = torch.sort(probs, descending=True)
     k = int((sorted_p.cumsum(0) <= top_p).sum())
     keep = order[:k + 1] if k < order.numel() else order

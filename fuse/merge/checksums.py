@@ -89,4 +89,12 @@ class BackgroundChecksums:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["BackgroundChecksums", "cached_sha256", "checksum_dir", "sha256_file", "source_files"]
+def start_checksums(models: dict) -> BackgroundChecksums | None:
+    """Hash the directories of ``models`` (``{recipe value: fuse.hub.ModelFiles}``) in the background;
+    None while one is a headers-only view (its weights are not on disk yet)."""
+    if not all(m.complete and m.path.is_dir() for m in models.values()):
+        return None
+    return BackgroundChecksums([m.path for m in models.values()])
+
+
+__all__ = ["BackgroundChecksums", "cached_sha256", "checksum_dir", "sha256_file", "source_files", "start_checksums"]

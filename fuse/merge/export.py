@@ -10,8 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from ..fused_layout import copy_tokenizer
 from ..members import LLMPart
-from .outputs import copy_tokenizer
 from .writer import StreamingShardWriter
 
 

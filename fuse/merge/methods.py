@@ -17,11 +17,30 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import FuseError
+from ..errors import FuseError, RecipeError
+from .kernels import KernelGuard, build_kernel
+from .options import KERNEL_CHOICES
 
 
 class MergeError(FuseError):
     """The merge itself failed (NaN/Inf produced, mergekit rejected the inputs)."""
+
+
+class MergeParameterError(RecipeError):
+    """A method-level parameter (``merge.parameters.<parameter>``) the method does not take, or a value of
+    the wrong type; ``reason`` says which. The recipe layer adds the file name."""
+
+    def __init__(self, parameter: str, reason: str):
+        super().__init__(f"merge.parameters.{parameter}: {reason}")
+        self.parameter, self.reason = parameter, reason
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in ``t`` (min/max propagate NaN; one read-only pass, no mask tensor)."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def _mergekit_method(name: str):
@@ -71,23 +90,21 @@ class MethodInfo:
         return {p.name: p for p in self.mergekit.spec.input_parameters}
 
     def validate_parameters(self, params: dict[str, Any]) -> dict[str, Any]:
-        """Check method-level parameters against mergekit's spec.
-
-        Raises ``ValueError((field suffix, message))`` so callers can name the recipe field.
-        """
+        """Method-level parameters checked (and converted) by mergekit's own spec of the method;
+        :class:`MergeParameterError` for one it does not take or a value of the wrong type."""
         shared = self.shared_parameters()
         out = {}
         for key, value in params.items():
             if key in self.member_parameters():
-                raise ValueError(f".{key}", f"set per member (members[i].{key}), not under merge.parameters")
+                raise MergeParameterError(key, f"set per member (members[i].{key}), not under merge.parameters")
             if key not in shared:
                 known = ", ".join(shared) or "none"
-                raise ValueError(f".{key}", f"unknown parameter for {self.name} (known: {known})")
+                raise MergeParameterError(key, f"unknown parameter for {self.name} (known: {known})")
             try:
                 out[key] = shared[key].validate(value)
-            except Exception:
-                raise ValueError(f".{key}", f"expected a {getattr(shared[key].value_type, '__name__', 'value')}, "
-                                 f"got {value!r}") from None
+            except Exception:  # pydantic's ValidationError, or whatever a custom validator raises
+                kind = getattr(shared[key].value_type, "__name__", "value")
+                raise MergeParameterError(key, f"expected a {kind}, got {value!r}") from None
         return out
 
 
@@ -117,13 +134,18 @@ class TensorMerger:
         parameters: method-level parameters (already validated).
         dtype: compute dtype; out_dtype: dtype of the returned tensor.
         with_base: pass the base as mergekit's base input (after the members, as mergekit-yaml orders them).
+        kernel: ``auto`` replays mergekit's arithmetic in reused buffers where
+            :mod:`fuse.merge.kernels` has the method (checked against mergekit on every tensor's
+            first rows); ``mergekit`` calls mergekit for every piece.
     """
 
     BASE_ID = "__base__"
 
     def __init__(self, method: str, member_ids: Sequence[str], weights: Sequence[float],
                  densities: Sequence[float | None], parameters: dict[str, Any], dtype: torch.dtype,
-                 with_base: bool):
+                 with_base: bool, kernel: str = "auto"):
+        if kernel not in KERNEL_CHOICES:
+            raise FuseError(f"merge kernel {kernel!r} is not one of {', '.join(KERNEL_CHOICES)}")
         self.info = method_info(method)
         self.method = self.info.mergekit
         self.ids = list(member_ids)
@@ -137,18 +159,34 @@ class TensorMerger:
             params["density"] = {i: (default if d is None else d) for i, d in zip(self.ids, densities)}
         self.parameters = params
         self.dtype = dtype
+        shared = {name: spec.default for name, spec in self.info.shared_parameters().items()}
+        shared.update({k: v for k, v in params.items() if k not in per})
+        fast = build_kernel(method, shared, weights, dtype, densities) if kernel == "auto" else None
+        self.guard = KernelGuard(fast, self.mergekit, f"merge method {method}") if fast is not None else None
+
+    @property
+    def uses_kernel(self) -> bool:
+        """True while pieces are merged by the in-place replay of mergekit's formula."""
+        return self.guard is not None and self.guard.active
 
     def __call__(self, members: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype,
                  name: str) -> torch.Tensor:
         """``members[i]``: [rows, ...] of member i; ``base`` the same rows of the base (or None)."""
+        if self.with_base and base is None:
+            raise MergeError(f"{name}: method {self.info.name} needs the base tensor")
+        if self.guard is not None:
+            return self.guard(members, base, out_dtype, name)
+        return self.mergekit(members, base, out_dtype, name)
+
+    def mergekit(self, members: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype,
+                 name: str) -> torch.Tensor:
+        """The same merge through ``mergekit.merge_methods.merge_tensors`` (the reference)."""
         from mergekit.merge_methods import merge_tensors
 
         tensors = list(members)
         ids = list(self.ids)
         base_index = None
         if self.with_base:
-            if base is None:
-                raise MergeError(f"{name}: method {self.info.name} needs the base tensor")
             tensors.append(base)
             ids.append(self.BASE_ID)
             base_index = len(tensors) - 1
@@ -159,4 +197,5 @@ class TensorMerger:
             raise MergeError(f"{name}: mergekit {self.info.name} failed ({str(e).splitlines()[0]})") from None
 
 
-__all__ = ["MERGE_METHODS", "MergeError", "MethodInfo", "TensorMerger", "method_info"]
+__all__ = ["MERGE_METHODS", "MergeError", "MergeParameterError", "all_finite", "MethodInfo", "TensorMerger",
+           "method_info"]

@@ -1,32 +1,24 @@
-"""The small files of a fused output: LLM config, generation config, tokenizer copy,
-``fuse_config.json`` / ``config.json`` and the README model card (layout: see ``fuse.merge``)."""
+"""What ``fuse merge`` writes besides the tensors: the LLM's config.json and generation_config.json, the
+``fuse_config.json`` content, and where the tokenizer comes from (file names, tokenizer file list, eos
+union and model card: :mod:`fuse.fused_layout`)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Sequence
 
+from ..dtypes import dtype_name
 from ..errors import RecipeError
+from ..fused_layout import FORMAT_VERSION, LLM_DIR, fused_eos_ids, has_tokenizer, member_dir
 from ..members import resolve_path
 from ..recipe import Recipe
-from .plan import MergePlan, dtype_name
+from .plan import MergePlan
 from .sources import BaseInput, MemberInput
-
-FORMAT_VERSION = 1
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def union_eos(members: Sequence[MemberInput], text_index: int, extra: Sequence[int]) -> list[int]:
-    """The text member's eos ids first, then every other member's, then ``extra`` (no duplicates)."""
-    out: list[int] = []
-    order = [members[text_index]] + [m for i, m in enumerate(members) if i != text_index]
-    for i in [e for m in order for e in m.member.text.eos_token_ids] + list(extra):
-        if int(i) not in out:
-            out.append(int(i))
-    return out
+    """The fused eos ids (:func:`fuse.fused_layout.fused_eos_ids`) of the opened members."""
+    return fused_eos_ids([m.member.text.eos_token_ids for m in members], text_index, extra)
 
 
 def llm_config(text_member: MemberInput, plan: MergePlan, eos: list[int]) -> dict:
@@ -55,19 +47,10 @@ def tokenizer_source(recipe: Recipe, text_member: MemberInput, base: BaseInput |
     for cand in (text_member.member.text.tokenizer_path, base.tokenizer_path if base else None):
         if cand:
             p = resolve_path(cand)
-            if any((p / f).is_file() for f in TOKENIZER_FILES):
+            if has_tokenizer(p):
                 return p
     raise RecipeError(f"{recipe.label}: text.member: {text_member.name!r} has no tokenizer files "
                       f"(and the base model has none either); choose another text.member")
-
-
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for f in TOKENIZER_FILES:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, dst / f)
-            copied.append(f)
-    return copied
 
 
 def fuse_config(recipe: Recipe, base: BaseInput | None, members: Sequence[MemberInput], plan: MergePlan,
@@ -79,7 +62,7 @@ def fuse_config(recipe: Recipe, base: BaseInput | None, members: Sequence[Member
         "format_version": FORMAT_VERSION,
         "base_model": recipe.base_model,
         "members": [{
-            "name": m.name, "dir": f"members/{m.name}", "format": m.format, "source": m.spec.model,
+            "name": m.name, "dir": member_dir(m.name), "format": m.format, "source": m.spec.model,
             "weight": m.weight, "density": m.spec.density, "eos_token_ids": list(m.member.text.eos_token_ids),
             "vocab_rows": m.llm.vocab_rows, "prompt_style": m.member.text.prompt_style,
             "separator_token_id": m.member.text.separator_token_id,
@@ -90,42 +73,9 @@ def fuse_config(recipe: Recipe, base: BaseInput | None, members: Sequence[Member
         "text": {"member": tm.name, "prompt_style": tm.member.text.prompt_style,
                  "placeholder": tm.member.text.placeholder, "eos_token_ids": eos},
         "inference": dict(recipe.inference),
-        "llm": {"dir": "llm", "vocab_rows": emb.shape[0] if emb else None, "tensors": len(plan.jobs)},
+        "llm": {"dir": LLM_DIR, "vocab_rows": emb.shape[0] if emb else None, "tensors": len(plan.jobs)},
         "sources": sources,
     }
 
 
-def model_card(cfg: dict, plan: MergePlan) -> str:
-    rows = "\n".join(f"| {i + 1} | {m['name']} | {m['format']} | `{m['source']}` | {m['weight']:.4g} | "
-                     f"{m['vocab_rows']} |" for i, m in enumerate(cfg["members"]))
-    params = json.dumps(cfg["merge"]["parameters"]) if cfg["merge"]["parameters"] else "defaults"
-    return f"""---
-tags: [visionfuse, merge, multimodal]
----
-# Fused MLLM (VisionFuse)
-
-Training-free fusion of {len(cfg['members'])} same-family multimodal LLMs, made with `fuse merge`
-(visionfuse-toolkit). At inference every member's vision branch encodes the image and the
-visual-token sequences are concatenated, in the order below, in place of the single image
-placeholder; one merged LLM reads them.
-
-| order | member | format | source | weight | vocab rows |
-|---|---|---|---|---|---|
-{rows}
-
-- Base model: `{cfg['base_model']}`
-- LLM merge: mergekit `{cfg['merge']['method']}` ({params}), compute dtype {cfg['merge']['dtype']},
-  output dtype {cfg['merge']['out_dtype']}, seed {cfg['merge']['seed']}; {len(plan.jobs)} tensors.
-- Text side: tokenizer and prompt style of `{cfg['text']['member']}` (`{cfg['text']['prompt_style']}`);
-  stops on any of {cfg['text']['eos_token_ids']}.
-
-## Layout
-- `llm/`: the merged LLM, a standalone `LlamaForCausalLM` (`AutoModelForCausalLM.from_pretrained("llm")`).
-- `members/<name>/`: each member's vision branch (encoders + projector + preprocessing), copied, not merged.
-- `fuse_config.json` (= `config.json` minus the model type): members, order, merge settings,
-  text side, inference options and SHA-256 of every source file.
-"""
-
-
-__all__ = ["FORMAT_VERSION", "TOKENIZER_FILES", "copy_tokenizer", "fuse_config", "generation_config", "llm_config",
-           "model_card", "tokenizer_source", "union_eos"]
+__all__ = ["fuse_config", "generation_config", "llm_config", "tokenizer_source", "union_eos"]

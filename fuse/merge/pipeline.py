@@ -37,7 +37,7 @@ from .writer import StreamingShardWriter
 MAX_WORKERS = 4  # merge workers at most: element-wise math on cache-sized chunks is memory-bound
 
 
-def default_workers() -> int:
+def merge_workers() -> int:
     """Merge workers for this machine: one per usable core, less one for the writer (and
     whatever else runs meanwhile, e.g. the checksum thread), between 1 and ``MAX_WORKERS``."""
     try:
@@ -249,4 +249,4 @@ def merge_pieces(pieces: Sequence[Piece], loaders: Sequence[InputLoader], merge:
         raise schedule.error
 
 
-__all__ = ["MAX_WORKERS", "InputLoader", "Loaded", "Piece", "default_workers", "merge_pieces", "plan_pieces"]
+__all__ = ["MAX_WORKERS", "InputLoader", "Loaded", "Piece", "merge_workers", "merge_pieces", "plan_pieces"]

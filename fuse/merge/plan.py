@@ -26,17 +26,11 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import parse_size
+from ..dtypes import dtype_name, torch_dtype
 from .family import VOCAB_TENSORS
 from .methods import method_info
+from .options import DEFAULT_CHUNK_BYTES
 from .sources import BaseInput, MemberInput
-
-DEFAULT_CHUNK_BYTES = 2**20  # per input, compute dtype: a piece's inputs and mergekit's temporaries stay in cache
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 @dataclass
 class TensorJob:
@@ -65,6 +59,7 @@ class MergePlan:
     chunked: bool
     max_shard_bytes: int
     vision_load_bytes: int = 0        # the biggest single member's branch while it is loaded
+    dtype_note: str | None = None     # set when members store different dtypes and the recipe names none
 
     @property
     def read_bytes(self) -> int:
@@ -112,7 +107,7 @@ class MergePlan:
         lines = [
             f"plan: {self.method} of {self.n_members} member(s){' + base' if self.with_base else ''}, "
             f"compute {dtype_name(self.compute_dtype)}",
-            f"  LLM tensors      {len(self.jobs)} ({n_chunks} mergekit calls"
+            f"  LLM tensors      {len(self.jobs)} ({n_chunks} merge calls"
             f"{', row-chunked' if self.chunked else ', whole tensors'})",
             f"  carried rows     {carried} (appended vocabulary rows copied from the member that has them)",
             f"  bytes to read    {self.read_bytes / gb:.3f} GB",
@@ -125,6 +120,8 @@ class MergePlan:
         ]
         if out is not None:
             lines.append(f"  output           {out}")
+        if self.dtype_note:
+            lines.append(f"  note             {self.dtype_note}")
         return "\n".join(lines)
 
 
@@ -136,15 +133,14 @@ def _row_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, 
 
 
 def build_plan(recipe, base: BaseInput | None, members: Sequence[MemberInput], names: Sequence[str],
-               chunk_bytes: int | None = None) -> MergePlan:
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> MergePlan:
     """Plan every tensor of ``names`` (already family-checked; sorted = execution order)."""
     method = recipe.merge.method
     info = method_info(method)
-    compute = DTYPES[recipe.merge.dtype]
+    compute = torch_dtype(recipe.merge.dtype)
     with_base = info.needs_base
-    out_fixed = DTYPES[recipe.merge.out_dtype] if recipe.merge.out_dtype else None
+    out_fixed = torch_dtype(recipe.merge.out_dtype) if recipe.merge.out_dtype else None
     elementwise = info.elementwise([m.spec.density for m in members])
-    chunk_bytes = chunk_bytes or int(os.environ.get("FUSE_MERGE_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
     inputs = [m.llm for m in members] + ([base.llm] if with_base else [])
     jobs = []
     for name in names:
@@ -177,7 +173,19 @@ def build_plan(recipe, base: BaseInput | None, members: Sequence[MemberInput], n
                               unit_rows * row_compute))
     return MergePlan(method, jobs, compute, len(members), with_base, sum(m.vision_save_bytes for m in members),
                      elementwise, parse_size(recipe.output.max_shard_size),
-                     max((m.vision_bytes for m in members), default=0))
+                     max((m.vision_bytes for m in members), default=0),
+                     None if out_fixed else _mixed_dtypes_note(members, names))
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "DTYPES", "MergePlan", "TensorJob", "build_plan", "dtype_name"]
+def _mixed_dtypes_note(members: Sequence[MemberInput], names: Sequence[str]) -> str | None:
+    """Say so when the members store their LLM tensors in different dtypes: the output then follows
+    the first member (as mergekit-yaml does), which the recipe can override with merge.out_dtype."""
+    stored = [sorted({dtype_name(m.llm.dtype(n)) for n in names}) for m in members]
+    if len({tuple(s) for s in stored}) <= 1:
+        return None
+    desc = ", ".join(f"{m.name}: {'/'.join(s)}" for m, s in zip(members, stored))
+    return (f"members store different dtypes ({desc}); the merged LLM is written in {members[0].name}'s "
+            f"({'/'.join(stored[0])}); set merge.out_dtype in the recipe to choose")
+
+
+__all__ = ["MergePlan", "TensorJob", "build_plan"]

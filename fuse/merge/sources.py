@@ -3,6 +3,11 @@
 Members are read with :func:`fuse.members.load_member`; their vision branch is
 dropped right away (``keep_vision=False``) so only LLM headers, tokenizer facts and
 config stay in memory. Every error is re-raised naming the recipe field.
+
+``models`` (``{recipe value: fuse.hub.ModelFiles}``, from :func:`fuse.hub.resolve_recipe`) says
+where each model's files are; a headers-only view (hub model whose weights are not downloaded)
+opens as a :meth:`~fuse.checkpoint.LazyCheckpoint.from_headers` checkpoint. Without ``models``,
+recipe values are local directories or complete snapshots in the hub cache.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 
 from ..checkpoint import LazyCheckpoint, read_json
 from ..errors import FuseError
+from ..hub import ModelFiles
 from ..members import LLMPart, Member, detect_format, load_member, resolve_path
 from ..members.base import llm_config_from
 from ..members.common import tokenizer_dir
@@ -63,23 +69,34 @@ class BaseInput:
     extra: dict = field(default_factory=dict)
 
 
+Models = dict[str, ModelFiles]
+
+
 def _reraise(recipe: Recipe, where: str, e: FuseError) -> FuseError:
     return type(e)(f"{recipe.label}: {where}: {e}")
 
 
-def open_base(recipe: Recipe) -> BaseInput | None:
+def model_files(source: str, models: Models | None) -> tuple[Path, LazyCheckpoint | None]:
+    """(directory, headers-only checkpoint or None) of a recipe model."""
+    files = models.get(source) if models else None
+    if files is None:
+        return resolve_path(source), None
+    return files.path, (LazyCheckpoint.from_headers(files.path, files.headers) if files.headers is not None else None)
+
+
+def open_base(recipe: Recipe, models: Models | None = None) -> BaseInput | None:
     if not recipe.base_model:
         return None
     try:
-        path = resolve_path(recipe.base_model)
+        path, headers_only = model_files(recipe.base_model, models)
         if not path.is_dir():
             raise FuseError(f"{path}: the base model must be a checkpoint directory")
         config = read_json(path / "config.json", "config.json (is this a model directory?)")
-        reader = LazyCheckpoint(path)
+        reader = headers_only or LazyCheckpoint(path)
         archs = config.get("architectures") or []
         if config.get("model_type") == "llama" or any(a in LLAMA_ARCHITECTURES for a in archs):
             keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
-            llm = LLMPart(config=llm_config_from(config), keys=keys, reader=reader)
+            llm = LLMPart(config=llm_config_from(config, path / "config.json"), keys=keys, reader=reader)
             return BaseInput(recipe.base_model, path, llm, "LlamaForCausalLM", tokenizer_dir(path))
         try:
             detect_format(config, reader.keys(), path)
@@ -88,7 +105,7 @@ def open_base(recipe: Recipe) -> BaseInput | None:
             keys = {k: k for k in reader.keys() if k.startswith(("model.", "lm_head."))}
             llm = LLMPart(config=dict(config), keys=keys, reader=reader)
             return BaseInput(recipe.base_model, path, llm, str(arch), tokenizer_dir(path))
-        m = load_member(path, vision=False)
+        m = load_member(path, vision=False, reader=reader)
         return BaseInput(recipe.base_model, path, m.llm, "LlamaForCausalLM", m.text.tokenizer_path)
     except FuseError as e:
         raise _reraise(recipe, "base_model", e) from None
@@ -116,14 +133,16 @@ def copies_vision(member: Member) -> bool:
 
 
 def open_member(recipe: Recipe, index: int, keep_vision: bool = False,
-                dtype: torch.dtype | str | None = "source") -> MemberInput:
+                dtype: torch.dtype | str | None = "source", models: Models | None = None) -> MemberInput:
     """Open member ``index``. Without ``keep_vision`` only headers, configs and the text side
     are read (no module is built); with it, the vision branch is built in the checkpoint's own
     dtype (it is only saved to OUT, never run), so an 8B bf16 member never holds a float32 copy."""
     spec = recipe.members[index]
     name = recipe.member_names()[index]
     try:
-        m = load_member(spec.model, format=spec.format, dtype=dtype, name=name, vision=keep_vision, **spec.options)
+        path, headers_only = model_files(spec.model, models)
+        m = load_member(path, format=spec.format, dtype=dtype, name=name, vision=keep_vision, reader=headers_only,
+                        **spec.options)
     except FuseError as e:
         raise _reraise(recipe, f"members[{index}].model", e) from None
     except TypeError as e:  # unknown adapter option
@@ -133,9 +152,9 @@ def open_member(recipe: Recipe, index: int, keep_vision: bool = False,
     return MemberInput(index, name, spec, m, recipe.weights()[index], in_memory, total)
 
 
-def open_members(recipe: Recipe, keep_vision: bool = False) -> list[MemberInput]:
-    return [open_member(recipe, i, keep_vision) for i in range(len(recipe.members))]
+def open_members(recipe: Recipe, keep_vision: bool = False, models: Models | None = None) -> list[MemberInput]:
+    return [open_member(recipe, i, keep_vision, models=models) for i in range(len(recipe.members))]
 
 
-__all__ = ["BaseInput", "MemberInput", "copies_vision", "open_base", "open_member", "open_members",
-           "stored_vision_bytes", "vision_nbytes"]
+__all__ = ["BaseInput", "MemberInput", "Models", "copies_vision", "model_files", "open_base", "open_member",
+           "open_members", "stored_vision_bytes", "vision_nbytes"]

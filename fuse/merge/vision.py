@@ -20,16 +20,28 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from ..members import FORMATS
-from ..members.base import CHECKPOINT_LAYOUT, VISION_CONFIG, VISION_WEIGHTS
+from ..fused_layout import VISION_CONFIG, VISION_WEIGHTS
+from ..members.base import CHECKPOINT_LAYOUT
 from ..recipe import Recipe
-from .sources import MemberInput, copies_vision, open_member
+from .methods import MergeError, all_finite
+from .sources import MemberInput, Models, copies_vision, open_member
 from .writer import StreamingShardWriter
 
 NO_SHARDING = 1 << 62
 
 
-def copy_vision_checkpoint(m: MemberInput, directory: Path) -> int:
+def _refuse_non_finite(recipe: Recipe, m: MemberInput, key: str, t: torch.Tensor) -> None:
+    """Vision weights are copied, not merged, but NaN/Inf in them is as fatal as in the LLM (every
+    logit turns NaN and ``generate`` answers nothing): checked like the merged LLM tensors."""
+    if not all_finite(t):
+        raise MergeError(f"{recipe.label}: {m.field} ({m.name}): vision tensor {key} contains NaN/Inf; "
+                         "nothing was written")
+
+
+def copy_vision_checkpoint(m: MemberInput, directory: Path, recipe: Recipe) -> int:
     """Copy member ``m``'s non-LLM tensors and branch config files into ``directory``. Returns bytes copied."""
     member = m.member
     reader = member.llm.reader
@@ -38,7 +50,9 @@ def copy_vision_checkpoint(m: MemberInput, directory: Path) -> int:
     writer = StreamingShardWriter(directory, [(k, reader.shape(k), reader.dtype(k)) for k in keys], NO_SHARDING)
     try:
         for k in keys:  # one tensor in memory at a time; bytes unchanged (no dtype cast)
-            writer.append(k, reader.get(k))
+            t = reader.get(k)
+            _refuse_non_finite(recipe, m, k, t)
+            writer.append(k, t)
         (name,) = writer.close()
     except BaseException:
         writer.abort()
@@ -55,16 +69,20 @@ def copy_vision_checkpoint(m: MemberInput, directory: Path) -> int:
     return writer.bytes_written
 
 
-def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path) -> list[str]:
+def save_vision_branches(recipe: Recipe, members: Sequence[MemberInput], directory: Path,
+                         models: Models | None = None) -> list[str]:
     """Each member's branch into ``directory/<name>``, one member in memory at a time.
-    Returns the layout used per member (``checkpoint`` or ``module``)."""
+    Returns the layout used per member (``checkpoint`` or ``module``). ``models``: as for
+    :func:`~fuse.merge.sources.open_member`."""
     layouts = []
     for m in members:
         if copies_vision(m.member):
-            copy_vision_checkpoint(m, directory / m.name)
+            copy_vision_checkpoint(m, directory / m.name, recipe)
             layouts.append(CHECKPOINT_LAYOUT)
         else:
-            full = open_member(recipe, m.index, keep_vision=True)
+            full = open_member(recipe, m.index, keep_vision=True, models=models)
+            for k, t in full.member.vision.state_dict().items():
+                _refuse_non_finite(recipe, m, k, t)
             full.member.save_vision_branch(directory / m.name)
             del full
             layouts.append("module")

@@ -19,12 +19,10 @@ from typing import BinaryIO, Sequence
 
 import torch
 
-from ..checkpoint import INDEX_NAME, SINGLE_NAME
+from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME
 from ..errors import CheckpointError
 
-ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL"}
+ST_DTYPES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items() if dtype is not None}  # torch -> header code
 
 
 def _write(fh: BinaryIO, data) -> None:

@@ -4,10 +4,12 @@
 >>> model = fuse.load("out/fused")                     # FusedModel.from_pretrained
 >>> model.generate(["cat.jpg"], ["<image>\\nWhat is this?"], max_new_tokens=32)
 
-Modules: ``config`` (FusedConfig, model_type ``visionfuse``), ``fused`` (FusedModel),
-``options`` (inference options parsing), ``budget`` (token budgets), ``positions``
-(position sharing), ``assembly`` (building inputs_embeds), ``attention`` (attention capture),
-``registration`` (transformers Auto-class registration).
+Modules, along the lines transformers' Llava model is split: ``fused`` (FusedModel: the API),
+``loading`` (reading/writing the fused directory), ``encoding`` (images -> each member's budgeted visual
+tokens), ``assembly`` (text + visual tokens -> inputs_embeds, positions, mask), ``generation``
+(generation settings, stopping, NaN/Inf checks), ``attention`` (attention capture); and ``config``
+(FusedConfig, model_type ``visionfuse``), ``options`` (inference options), ``budget`` (token budgets),
+``positions`` (position sharing), ``registration`` (transformers Auto-class registration).
 
 Attribute access is lazy so ``import fuse`` stays cheap (no torch/transformers import).
 """
@@ -18,7 +20,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "FusedModel": "fuse.model.fused", "FusedInputs": "fuse.model.fused", "GenerationResult": "fuse.model.fused",
+    "FusedModel": "fuse.model.fused", "FusedInputs": "fuse.model.fused", "GenerationResult": "fuse.model.generation",
     "load": "fuse.model.fused", "FusedConfig": "fuse.model.config", "InferenceOptions": "fuse.model.options",
     "AttentionCapture": "fuse.model.attention", "SampleAttention": "fuse.model.attention",
     "BUDGETS": "fuse.model.budget", "POSITION_SCHEMES": "fuse.model.positions", "register": "fuse.model.registration",

@@ -1,12 +1,12 @@
-"""Building the LLM input of a fused model from text pieces and member visual tokens.
+"""Building the LLM input of a fused model from text segments and member visual tokens.
 
-One sample is a list of :class:`Piece` in sequence order, typically::
+One sample is a list of :class:`Segment` in sequence order (:func:`assemble_inputs` builds them)::
 
     [text before <image>][member 1 tokens][separator?][member 2 tokens]...[text after <image>]
 
 :func:`assemble` left-pads a batch of samples into ``inputs_embeds [B, L, D]``,
 ``attention_mask [B, L]`` (1 = real token) and ``position_ids [B, L]``. Position ids
-follow each piece's offsets (text: 0, 1, 2...; visual spans: their scheme, see
+follow each segment's offsets (text: 0, 1, 2...; visual spans: their scheme, see
 :mod:`fuse.model.positions`); padding positions are 0. Spans are reported in
 padded coordinates as ``name -> (start, end)``.
 """
@@ -14,14 +14,17 @@ padded coordinates as ``name -> (start, end)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
 
 import torch
 
-from .positions import positions_used
+from .budget import BudgetResult
+from .options import PositionSpec
+from .positions import positions_used, span_offsets
 
 
 @dataclass
-class Piece:
+class Segment:
     """A run of tokens: ``embeds [n, D]``, position ``offsets [n]`` (long, from 0)."""
 
     name: str  # "text_before", "text_after", a member name, or "sep:<member>"
@@ -61,18 +64,18 @@ class Assembled:
         return [self.inputs_embeds.shape[1] - n for n in self.lengths]
 
 
-def sample_positions(pieces: list[Piece]) -> torch.Tensor:
-    """Position ids ``[n]`` of one unpadded sample: each piece starts after the previous one's last position."""
+def sample_positions(segments: list[Segment]) -> torch.Tensor:
+    """Position ids ``[n]`` of one unpadded sample: each segment starts after the previous one's last position."""
     out, base = [], 0
-    for p in pieces:
+    for p in segments:
         if p.length:
             out.append(base + p.offsets.to(torch.long))
         base += p.positions
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def assemble(samples: list[list[Piece]]) -> Assembled:
-    """Concatenate each sample's pieces and left-pad the batch (pads: zero embedding, mask 0, position 0)."""
+def assemble(samples: list[list[Segment]]) -> Assembled:
+    """Concatenate each sample's segments and left-pad the batch (pads: zero embedding, mask 0, position 0)."""
     if not samples:
         raise ValueError("no samples to assemble")
     ref = next(p.embeds for s in samples for p in s if p.length)
@@ -84,16 +87,40 @@ def assemble(samples: list[list[Piece]]) -> Assembled:
     mask = torch.zeros(b, total, dtype=torch.long, device=device)
     pos = torch.zeros(b, total, dtype=torch.long, device=device)
     spans, n_pos = [], []
-    for i, pieces in enumerate(samples):
+    for i, segments in enumerate(samples):
         start = total - lengths[i]
         cur, sp = start, {}
-        for p in pieces:
+        for p in segments:
             embeds[i, cur:cur + p.length] = p.embeds.to(dtype=dtype, device=device)
             sp[p.name] = (cur, cur + p.length)
             cur += p.length
         mask[i, start:] = 1
-        sample_pos = sample_positions(pieces)
+        sample_pos = sample_positions(segments)
         pos[i, start:] = sample_pos.to(device)
         spans.append(sp)
         n_pos.append(int(sample_pos.max()) + 1 if sample_pos.numel() else 0)
     return Assembled(embeds, mask, pos, spans, lengths, n_pos)
+
+
+def assemble_inputs(text_ids: Sequence[tuple[list[int], list[int]]], embed: Callable[[list[int]], torch.Tensor],
+                    visual: Mapping[str, Sequence[BudgetResult]], positions: Mapping[str, PositionSpec],
+                    separators: Sequence[int | None]) -> Assembled:
+    """The LLM input of a batch: per sample ``[text before][member 1][sep?][member 2]...[text after]``.
+
+    ``text_ids[i]``: the token ids before / after the image placeholder; ``embed(ids) -> [n, D]``: the
+    LLM's token embeddings; ``visual[member][i]``: sample i's budgeted tokens, members in visual-token
+    order; ``positions[member]``: its position scheme; ``separators[j]``: the token id inserted after
+    member ``j`` (None: nothing)."""
+    samples = []
+    for i, (before, after) in enumerate(text_ids):
+        text_emb = embed(before + after)  # one lookup per sample
+        segments = [Segment("text_before", "text", text_emb[:len(before)])]
+        for j, (name, per_sample) in enumerate(visual.items()):
+            res = per_sample[i]
+            segments.append(Segment(name, "visual", res.tokens, span_offsets(res.count, positions[name], res.grids)))
+            if separators[j] is not None:
+                segments.append(Segment(f"sep:{name}", "sep", embed([separators[j]])))
+        segments.append(Segment("text_after", "text", text_emb[len(before):]))
+        samples.append(segments)
+    return assemble(samples)
+

@@ -1,9 +1,9 @@
 """Capturing attention from chosen text positions to each member's visual tokens.
 
 Used by :meth:`fuse.model.FusedModel.capture_attention` (and through it by
-``analysis attention``). Attention probabilities only exist with the ``eager``
-attention implementation, so the LLM is switched to eager for the capture
-forward pass and switched back afterwards. Forward hooks sit only on the
+``analysis attention``): :func:`capture` runs the prepared samples one at a time.
+Attention probabilities only exist with the ``eager`` attention implementation, so
+the LLM is switched to eager for the capture forward pass and switched back afterwards. Forward hooks sit only on the
 requested layers' ``self_attn`` modules; each hook slices the weights it needs
 (query rows x member key spans) at once, so the full ``[B, H, L, L]`` matrices
 of other layers are never kept.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ class SampleAttention:
     Coordinates are positions in this sample's unpadded sequence.
 
     - ``query_positions``: the Q query positions whose attention was kept;
-    - ``spans``: piece name -> (start, end): ``text_before``, each member name, ``sep:<member>``, ``text_after``
+    - ``spans``: segment name -> (start, end): ``text_before``, each member name, ``sep:<member>``, ``text_after``
       and, with ``query="answer"``, ``answer``;
     - ``grids``: member -> its kept tokens' grid segments ``[(name, h, w), ...]`` (None when not a grid,
       e.g. after ``topk``); ``kept``: member -> indices of the kept tokens among the member's original
@@ -69,19 +69,23 @@ class AttentionCapture:
     samples: list[SampleAttention]
 
 
-def resolve_layers(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
+def llm_layer_indices(layers: int | Sequence[int] | None, n_layers: int) -> list[int]:
     """None -> all layers; negative indices count from the end; errors name the valid range."""
     if layers is None:
         return list(range(n_layers))
     if isinstance(layers, int):
         layers = [layers]
-    out = []
-    for l in layers:
-        i = int(l) + n_layers if int(l) < 0 else int(l)
-        if not 0 <= i < n_layers:
-            raise FuseError(f"layers: {l} is out of range for an LLM with {n_layers} layers")
-        out.append(i)
-    return sorted(set(out))
+    return sorted({index_from_end(l, n_layers, f"layers: {l} is out of range for an LLM with {n_layers} layers")
+                   for l in layers})
+
+
+def index_from_end(i: int, n: int, error: str) -> int:
+    """``i`` in ``[-n, n)`` as an index in ``[0, n)`` (negatives count from the end); FuseError(``error``)
+    otherwise."""
+    j = int(i) + n if int(i) < 0 else int(i)
+    if not 0 <= j < n:
+        raise FuseError(error)
+    return j
 
 
 def decoder_layers(llm) -> Sequence[torch.nn.Module]:
@@ -145,7 +149,7 @@ def last_position_attention(llm, inputs_embeds: torch.Tensor, attention_mask: to
     ``layer``, averaged over heads: ``[B, L]``. Layers after ``layer`` are not run (the forward stops
     there), so the cost is ``layer + 1`` decoder layers over the sequence."""
     blocks = decoder_layers(llm)
-    idx = resolve_layers(layer, len(blocks))[0]
+    idx = llm_layer_indices(layer, len(blocks))[0]
     store: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output):
@@ -164,3 +168,47 @@ def last_position_attention(llm, inputs_embeds: torch.Tensor, attention_mask: to
     finally:
         handle.remove()
     return store["w"]
+def query_positions(query: Any, n: int, spans: dict[str, tuple[int, int]], n_answer: int) -> list[int]:
+    """The attending positions of one sample of ``n`` prompt tokens (see ``capture_attention``'s ``query``);
+    ``n_answer``: greedy answer tokens appended after the prompt."""
+    if query == "last":
+        return [n - 1]
+    if query == "answer":
+        return [n - 1] + list(range(n, n + max(n_answer - 1, 0)))
+    if query == "text_after":
+        s, e = spans["text_after"]
+        if e <= s:
+            raise FuseError("query 'text_after': this prompt has no text after the image")
+        return list(range(s, e))
+    if isinstance(query, str):
+        raise FuseError(f"query {query!r}: expected 'last', 'answer', 'text_after' or a list of positions")
+    return [index_from_end(p, n, f"query position {p} is outside the prompt of {n} tokens") for p in query]
+
+
+def capture(model: Any, inputs: Any, layers: list[int], query: Any, answers: list[list[int]]) -> AttentionCapture:
+    """Attention of every sample of ``inputs`` (the fused model's prepared batch) to each member's tokens.
+
+    Each sample runs alone, unpadded, through ``model.llm`` with ``layers`` hooked; ``answers[b]``: greedy
+    answer ids appended after sample b's prompt (``query="answer"``), else empty."""
+    asm = inputs.assembled
+    samples = []
+    for b, (n, pad) in enumerate(zip(asm.lengths, asm.pad)):
+        emb = asm.inputs_embeds[b:b + 1, pad:]
+        pos = asm.position_ids[b:b + 1, pad:]
+        spans = {k: (s - pad, e - pad) for k, (s, e) in asm.spans[b].items()}
+        q = query_positions(query, n, spans, len(answers[b]))
+        if answers[b]:
+            extra = model.embed_ids(answers[b]).unsqueeze(0).to(emb.dtype)
+            emb = torch.cat([emb, extra], 1)
+            pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(len(answers[b]), device=pos.device)], 1)
+            spans["answer"] = (n, n + len(answers[b]))
+        key_spans = {m: spans[m] for m in model.member_names}
+        with record_attention(model.llm, layers, torch.tensor(q, dtype=torch.long), key_spans) as store:
+            model.llm(inputs_embeds=emb, position_ids=pos, use_cache=False)
+        samples.append(SampleAttention(
+            query_positions=q, spans=spans, grids=inputs.grids[b], kept=inputs.kept[b],
+            raw_grids=inputs.raw_grids[b], weights={l: store[l] for l in layers},
+            answer=model.decode(answers[b]) if query == "answer" else None,
+            answer_ids=answers[b] if query == "answer" else None))
+    return AttentionCapture(layers=layers, members=model.member_names, samples=samples)
+

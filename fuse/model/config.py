@@ -13,8 +13,9 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-FUSE_CONFIG = "fuse_config.json"
-FORMAT_VERSION = 1
+from ..fused_layout import FUSE_CONFIG  # noqa: F401  (re-exported: its former home)
+from ..fused_layout import ARCHITECTURE, FORMAT_VERSION, MODEL_TYPE
+
 CONFIG_FIELDS = ("format_version", "base_model", "members", "merge", "text", "inference", "sources")
 
 
@@ -23,7 +24,7 @@ class FusedConfig(PreTrainedConfig):
     (``members/<name>``), ``format``, ``source``, ``weight``, ``density``, ``eos_token_ids``,
     ``vocab_rows``, ``prompt_style``, ``separator_token_id``."""
 
-    model_type = "visionfuse"
+    model_type = MODEL_TYPE
 
     def __init__(self, format_version: int = FORMAT_VERSION, base_model: str | None = None,
                  members: list[dict[str, Any]] | None = None, merge: dict[str, Any] | None = None,
@@ -36,7 +37,7 @@ class FusedConfig(PreTrainedConfig):
         self.text = dict(text or {})
         self.inference = dict(inference or {})
         self.sources = dict(sources or {})
-        kwargs.setdefault("architectures", ["FusedModel"])
+        kwargs.setdefault("architectures", [ARCHITECTURE])
         super().__init__(**kwargs)
 
     @property

@@ -8,13 +8,14 @@ For each (image, prompt) pair:
    tokens ``[N_m, D]`` (batched over the images; branches with ``needs_text`` get ``text_embeds``:
    per image the embeddings ``[T, D]`` of every prompt token except the placeholder, from the merged
    LLM's table, like SliME's ``get_pure_text_embedding``);
-3. each member's tokens go through its token budget (:mod:`fuse.model.budget`);
+3. each member's tokens go through its token budget (:mod:`fuse.model.budget`) (steps 2-3:
+   :func:`~fuse.model.encoding.encode_images`);
 4. the sequence ``[text before][member 1][sep?][member 2]...[text after]`` is assembled with
    position ids from each member's position scheme (:mod:`fuse.model.positions`), left-padded
-   (:mod:`fuse.model.assembly`);
+   (:func:`~fuse.model.assembly.assemble_inputs`);
 5. the merged LLM runs on ``inputs_embeds`` (``forward`` -> logits, ``generate`` -> text, stopping
-   on every member's eos ids; transformers' ``generate`` keeps custom position ids growing from
-   the last prompt position).
+   on every member's eos ids (:mod:`fuse.model.generation`); transformers' ``generate`` keeps custom
+   position ids growing from the last prompt position).
 
 Build one with :meth:`FusedModel.from_pretrained` (a ``fuse merge`` output directory) or
 :meth:`FusedModel.from_members` (loaded :class:`~fuse.members.Member` objects + an LLM; a single
@@ -29,28 +30,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import LogitsProcessorList, PreTrainedModel
 
-from ..checkpoint import LazyCheckpoint, atomic_output_dir, read_json
 from ..errors import CheckpointError, DataError, FuseError
+from ..fused_layout import LLM_DIR, fused_eos_ids, member_dir
 from ..images import load_image
-from ..members import TextSide, VisionBranch, load_vision_branch, save_vision_branch
-from ..members.base import VISION_CONFIG, VISION_WEIGHTS
-from .assembly import Assembled, Piece, assemble
-from .attention import AttentionCapture, SampleAttention, record_attention, resolve_layers
-from .budget import BudgetResult, apply_budget, select_total
-from .config import FUSE_CONFIG, FusedConfig
-from .options import InferenceOptions
-from .positions import span_offsets
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-# what AutoModel.from_pretrained passes along for hub downloads (a fused dir is always local)
-_HUB_KWARGS = {"cache_dir", "force_download", "proxies", "revision", "token", "local_files_only", "subfolder",
-               "trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto", "device_map"}
+from ..members import TextSide, VisionBranch
+from ..names import NAME_RX, unique_names
+from .assembly import Assembled, assemble_inputs
+from .attention import AttentionCapture, capture, decoder_layers, last_position_attention, llm_layer_indices
+from .budget import BudgetResult, select_total
+from .config import FusedConfig
+from .encoding import encode_images
+from .generation import FiniteLogits, GenerationResult, check_generation, cut_at_eos, generation_config
+from .loading import (HUB_KWARGS, fused_text_side, load_branches, load_llm, member_dirs, read_fused_config,
+                      save_fused_model)
+from .options import InferenceOptions, refuse_inference_keywords
 
 
 @dataclass
@@ -58,7 +57,7 @@ class FusedInputs:
     """A prepared, left-padded batch plus what was done to build it.
 
     ``inputs_embeds [B, L, D]``, ``attention_mask [B, L]``, ``position_ids [B, L]``;
-    ``spans[b]``: piece name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
+    ``spans[b]``: segment name -> (start, end) in padded coordinates; ``tokens[b]``: member ->
     visual-token count after the budget (``raw_tokens``: before); ``grids``/``kept``: per sample,
     member -> layout of the kept tokens / kept indices (see :class:`~fuse.model.budget.BudgetResult`);
     ``timings``: seconds, ``vision`` per member and ``assembly``.
@@ -90,46 +89,8 @@ class FusedInputs:
         return self.assembled.spans
 
 
-@dataclass
-class GenerationResult:
-    """``texts`` (decoded answers), ``token_ids`` (answer ids, cut at the first eos),
-    ``tokens`` (member -> visual tokens per sample), ``prompt_tokens`` (sequence length per sample),
-    ``timings`` (seconds: ``vision`` per member, ``assembly``, ``generate``, ``total``)."""
-
-    texts: list[str]
-    token_ids: list[list[int]]
-    tokens: list[dict[str, int]]
-    prompt_tokens: list[int]
-    timings: dict[str, Any]
-
-
 def _as_list(x: Any) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if torch.is_tensor(v):
-            v = v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-        out[k] = v
-    return out
-
-
-def _unique_names(names: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        if n in seen:
-            seen[n] += 1
-            cand = f"{n}_{seen[n]}"
-            while cand in seen:
-                seen[n] += 1
-                cand = f"{n}_{seen[n]}"
-            n = cand
-        seen.setdefault(n, 0)
-        out.append(n)
-    return out
 
 
 class FusedModel(PreTrainedModel):
@@ -188,27 +149,30 @@ class FusedModel(PreTrainedModel):
         exactly one member (its own LLM: the fused model then equals the original member).
         ``text_member``: index or name of the member whose tokenizer/prompt style is used.
         """
+        from ..dtypes import parse_dtype
+
         members = list(members)
         if not members:
             raise FuseError("from_members: no members given")
-        names = _unique_names([m.name for m in members])
+        dtype = parse_dtype(dtype)
+        names = unique_names([m.name for m in members])
+        for n in names:
+            if not NAME_RX.fullmatch(n):  # each becomes members/<name>/ in save_pretrained
+                raise FuseError(f"from_members: member name {n!r} is not a plain directory name "
+                                "(letters, digits, . _ -)")
         if llm is None:
             if len(members) != 1:
                 raise FuseError("from_members: several members need a merged LLM (llm=...); "
                                 "only a single member can use its own LLM")
             llm = members[0].llm.load_model(dtype)
         elif not isinstance(llm, nn.Module):
-            llm = _load_llm(Path(llm), dtype)
+            llm = load_llm(Path(llm), dtype)
         idx = names.index(text_member) if isinstance(text_member, str) else int(text_member)
         if not 0 <= idx < len(members):
             raise FuseError(f"text_member: {text_member!r} is not one of the members {names}")
         text = members[idx].text
-        eos: list[int] = []
-        for m in members:
-            for i in m.text.eos_token_ids:
-                if i not in eos:
-                    eos.append(int(i))
-        infos = [{"name": n, "dir": f"members/{n}", "format": m.format, "source": str(m.path), "weight": None,
+        eos = fused_eos_ids([m.text.eos_token_ids for m in members], idx)
+        infos = [{"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path), "weight": None,
                   "density": None, "eos_token_ids": list(m.text.eos_token_ids), "vocab_rows": m.llm.vocab_rows,
                   "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id}
                  for n, m in zip(names, members)]
@@ -232,49 +196,26 @@ class FusedModel(PreTrainedModel):
         ``dtype``: of the LLM and branches (default: the LLM checkpoint's dtype; branches float32).
         Missing or corrupt files raise :class:`~fuse.errors.CheckpointError` naming the file.
         """
-        from ..members import _load_plugins
-
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         if device is None and isinstance(kwargs.get("device_map"), (str, torch.device)):
             device = kwargs.pop("device_map")
-        ignored = sorted(k for k, v in kwargs.items() if k not in _HUB_KWARGS and v is not None)
+        ignored = sorted(k for k, v in kwargs.items() if k not in HUB_KWARGS and v is not None)
         if ignored:
             warnings.warn(f"FusedModel.from_pretrained ignores {', '.join(ignored)}", stacklevel=2)
+        from ..devices import resolve_device
+        from ..dtypes import parse_dtype
+
+        dtype = parse_dtype(dtype)
+        device = resolve_device(device) if device is not None else None
         root = Path(pretrained_model_name_or_path)
         if not root.is_dir():
             raise CheckpointError(f"{root}: no such fused model directory (expected the output of `fuse merge`)")
         if config is None or not isinstance(config, FusedConfig):
-            path = root / FUSE_CONFIG if (root / FUSE_CONFIG).is_file() or not (root / "config.json").is_file() \
-                else root / "config.json"
-            data = read_json(path, "fused model config (fuse_config.json)")
-            data = {k: v for k, v in data.items() if k not in ("model_type", "transformers_version")}
-            config = FusedConfig(**data)
-        where = root / FUSE_CONFIG
-        if not config.members:
-            raise CheckpointError(f"{where}: 'members' is empty")
-        for i, m in enumerate(config.members):
-            if not isinstance(m, dict) or not m.get("name"):
-                raise CheckpointError(f"{where}: members[{i}] has no 'name'")
-        if isinstance(dtype, str):
-            from ..cli_utils import parse_dtype
-
-            dtype = parse_dtype(dtype)
-        member_dirs = [root / m.get("dir", f"members/{m['name']}") for m in config.members]
-        for m, mdir in zip(config.members, member_dirs):  # check every file before loading anything big
-            if not mdir.is_dir():
-                raise CheckpointError(f"{mdir}: missing vision branch directory of member {m['name']!r}")
-            for f in (VISION_CONFIG, VISION_WEIGHTS):
-                if not (mdir / f).is_file():
-                    raise CheckpointError(f"{mdir / f}: missing file of member {m['name']!r}")
-        llm = _load_llm(root / "llm", dtype, attn_implementation)
-        _load_plugins()
-        branches, texts = {}, {}
-        for m, mdir in zip(config.members, member_dirs):
-            branch, vcfg = load_vision_branch(mdir, dtype=dtype)
-            branches[m["name"]] = branch
-            if vcfg.get("text"):
-                texts[m["name"]] = TextSide.from_dict(vcfg["text"])
-        text = _fused_text_side(root, config, texts)
+            config = read_fused_config(root)
+        dirs = member_dirs(root, config)  # every file checked before anything big is loaded
+        llm = load_llm(root / LLM_DIR, dtype, attn_implementation)
+        branches, texts = load_branches(config, dirs, dtype)
+        text = fused_text_side(root, config, texts)
         text.tokenizer  # load now: errors surface at load time and the model no longer needs the files
         model = cls(config, llm=llm, branches=branches, text=text, member_texts=texts)
         model.name_or_path = str(root)
@@ -283,26 +224,13 @@ class FusedModel(PreTrainedModel):
         return model.eval()
 
     def save_pretrained(self, save_directory: str | os.PathLike, force: bool = True, **kwargs: Any) -> None:
-        """Write the ``fuse merge`` layout (llm/, members/<name>/, fuse_config.json, config.json) atomically."""
-        import json
+        """Write the ``fuse merge`` layout (llm/, members/<name>/, fuse_config.json, config.json) atomically.
 
-        with atomic_output_dir(save_directory, force=force) as tmp:
-            self.llm.save_pretrained(str(tmp / "llm"))
-            self.text.tokenizer.save_pretrained(str(tmp / "llm"))
-            members = []
-            for info in self.config.members:
-                name = info["name"]
-                d = f"members/{name}"
-                save_vision_branch(self.branches[name], tmp / d, text=self.member_texts.get(name),
-                                   extra={"format": info.get("format"), "source": info.get("source")})
-                members.append({**info, "dir": d})
-            self.config.members = members
-            (tmp / FUSE_CONFIG).write_text(json.dumps(self.config.fuse_dict(), indent=2, default=str))
-            self.config.save_pretrained(str(tmp))
-            (tmp / "README.md").write_text(
-                f"# Fused model (VisionFuse)\n\nMembers (visual-token order): {', '.join(self.member_names)}.\n"
-                f"Merge: {self.config.merge.get('method')}.\n\nLoad with `fuse.load(\"{Path(save_directory).name}\")` "
-                "or `fuse generate DIR --image IMG --prompt TEXT`.\n")
+        A new or empty ``save_directory`` is written; an earlier fused model (or any output this toolkit
+        wrote) there is replaced as a whole (``force=False`` refuses it). A directory holding anything
+        else, or a file, is refused (CheckpointError) and left untouched: unlike transformers, which
+        writes into the directory, a fused model is never mixed with other files."""
+        save_fused_model(self, save_directory, force=force)
 
     # ------------------------------------------------------------------ inputs
     def _text_side(self, template: bool) -> TextSide:
@@ -312,7 +240,8 @@ class FusedModel(PreTrainedModel):
             self._raw_text = dataclasses.replace(self.text, prompt_style="plain", _tokenizer=self.text.tokenizer)
         return self._raw_text
 
-    def _embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """Token ids -> the merged LLM's input embeddings ``[n, D]`` (DataError for an id outside the table)."""
         emb = self.llm.get_input_embeddings()
         rows = emb.weight.shape[0]
         bad = [i for i in ids if not 0 <= i < rows]
@@ -329,15 +258,14 @@ class FusedModel(PreTrainedModel):
 
     @torch.no_grad()
     def prepare(self, images: Any, prompts: str | Sequence[str], template: bool = True,
-                token_budget: Any = None, positions: Any = None, separator: Any = None,
-                max_new_tokens: int = 0, max_visual_tokens: Any = None) -> FusedInputs:
+                inference: Mapping[str, Any] | None = None, max_new_tokens: int = 0) -> FusedInputs:
         """Images + prompts -> the assembled, left-padded LLM input.
 
         ``images``: one per prompt (paths or PIL images; converted to RGB by ``fuse.images.load_image``).
         ``template``: apply the text member's prompt style (chat template) to each prompt; False uses
-        the prompt as the full text. ``token_budget``/``positions``/``separator`` override the model's
-        inference options for this call (see :mod:`fuse.model.options`); ``max_visual_tokens`` caps all
-        members' tokens together (:class:`~fuse.model.options.TotalBudget`). ``max_new_tokens`` is only
+        the prompt as the full text. ``inference``: overrides of the model's inference options for this
+        call, as in the recipe's ``inference`` section (``{"token_budget": "pool:2", "positions": {name:
+        "share"}, "separator": "member"}``, see :mod:`fuse.model.options`). ``max_new_tokens`` is only
         used to check the context length.
         """
         t_start = time.perf_counter()
@@ -346,7 +274,10 @@ class FusedModel(PreTrainedModel):
             raise DataError(f"got {len(images)} images for {len(prompts)} prompts; pass one image per prompt")
         if not prompts:
             raise DataError("no prompts given")
-        opts = self.options.override(self.member_names, token_budget, positions, separator, max_visual_tokens)
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise DataError(f"prompt {i}: expected a string, got {type(p).__name__}")
+        opts = self.options.override(self.member_names, inference)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
         full = [side.prompt(p) for p in prompts]
@@ -356,95 +287,56 @@ class FusedModel(PreTrainedModel):
         p_embeds: list[torch.Tensor | None] = [None] * len(prompts)
         q_embeds: list[torch.Tensor | None] = [None] * len(prompts)
         if any(b.needs_text for b in self.branches.values()):
-            p_embeds = [self._embed_ids(b + a) for b, a in text_ids]
+            p_embeds = [self.embed_ids(b + a) for b, a in text_ids]
         if any(spec.kind == "topk" for spec in opts.budget.values()):
-            q_embeds = [self._embed_ids(self._question_ids(p, b, a)) for p, (b, a) in zip(prompts, text_ids)]
+            q_embeds = [self.embed_ids(self._question_ids(p, b, a)) for p, (b, a) in zip(prompts, text_ids)]
         t_text = time.perf_counter() - t_start
 
-        vision_t: dict[str, float] = {}
-        per_member: dict[str, list[BudgetResult]] = {}
-        raw_counts: dict[str, list[int]] = {}
-        raw_grids: dict[str, list] = {}
-        llm_dtype = self.llm.get_input_embeddings().weight.dtype
-        llm_device = self.llm.get_input_embeddings().weight.device
-        for name, branch in self.branches.items():
-            t0 = time.perf_counter()
-            batch = _to_device(branch.preprocess(pil), branch.device, branch.dtype)
-            text_embeds = [e.to(branch.device, branch.dtype) for e in p_embeds] if branch.needs_text else None
-            toks = branch(batch, text_embeds=text_embeds)
-            grids = branch.token_grids(batch) or [None] * len(pil)
-            vision_t[name] = time.perf_counter() - t0
-            spec = opts.budget[name]
-            raw_counts[name] = [int(t.shape[0]) for t in toks]
-            raw_grids[name] = list(grids)
-            per_member[name] = [apply_budget(t.to(llm_device, llm_dtype), spec, g, qe)
-                                for t, g, qe in zip(toks, grids, q_embeds)]
-
+        weight = self.llm.get_input_embeddings().weight
+        enc = encode_images(self.branches, pil, opts.budget, p_embeds, q_embeds, weight.dtype, weight.device)
         t1 = time.perf_counter()
-        text_embs = [self._embed_ids(before + after) for before, after in text_ids]  # one lookup per sample
-        samples = [self._pieces(opts, per_member, i, text_embs[i], len(before))
-                   for i, (before, _) in enumerate(text_ids)]
-        assembled = assemble(samples)
+        separators = [self._separator_id(opts, j) for j in range(len(self.member_names))]
+        visual = {n: enc.budgeted[n] for n in self.member_names}
+        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators)
         t_select = 0.0
-        if opts.total is not None and any(sum(p.length for p in s if p.kind == "visual") > opts.total.tokens
-                                          for s in samples):
+        if opts.total is not None and any(sum(visual[n][i].count for n in visual) > opts.total.tokens
+                                          for i in range(len(prompts))):
             t_sel = time.perf_counter()
-            assembled, samples = self._keep_total(opts, per_member, samples, assembled, text_embs, text_ids)
+            assembled = self._keep_total(opts, visual, assembled, text_ids, separators)
             t_select = time.perf_counter() - t_sel
-        self._check_context(assembled, per_member, text_ids, max_new_tokens)
-        t_asm = time.perf_counter() - t1 + t_text
+        self._check_context(assembled, visual, text_ids, max_new_tokens)
+        t_asm = time.perf_counter() - t1 + t_text - t_select
+        per_sample = range(len(prompts))
         return FusedInputs(
             assembled=assembled,
-            tokens=[{n: per_member[n][i].count for n in self.member_names} for i in range(len(prompts))],
-            raw_tokens=[{n: raw_counts[n][i] for n in self.member_names} for i in range(len(prompts))],
-            grids=[{n: per_member[n][i].grids for n in self.member_names} for i in range(len(prompts))],
-            raw_grids=[{n: raw_grids[n][i] for n in self.member_names} for i in range(len(prompts))],
-            kept=[{n: per_member[n][i].kept for n in self.member_names} for i in range(len(prompts))],
+            tokens=[{n: visual[n][i].count for n in visual} for i in per_sample],
+            raw_tokens=[{n: enc.raw_counts[n][i] for n in visual} for i in per_sample],
+            grids=[{n: visual[n][i].grids for n in visual} for i in per_sample],
+            raw_grids=[{n: enc.raw_grids[n][i] for n in visual} for i in per_sample],
+            kept=[{n: visual[n][i].kept for n in visual} for i in per_sample],
             text_ids=text_ids,
-            timings={"vision": vision_t, "assembly": t_asm - t_select, "select": t_select})
+            timings={"vision": enc.seconds, "assembly": t_asm, "select": t_select})
 
-    def _pieces(self, opts: InferenceOptions, per_member: dict[str, list[BudgetResult]], i: int,
-                text_emb: torch.Tensor, n_before: int, kept: dict[str, torch.Tensor] | None = None) -> list[Piece]:
-        """Sample ``i`` as pieces ``[text before][member 1][sep?]...[text after]``; with ``kept`` (member ->
-        indices into its budgeted tokens) only those tokens stay, at their own positions."""
-        pieces = [Piece("text_before", "text", text_emb[:n_before])]
-        for j, name in enumerate(self.member_names):
-            res = per_member[name][i]
-            offsets = span_offsets(res.count, opts.positions[name], res.grids)
-            if kept is None:
-                pieces.append(Piece(name, "visual", res.tokens, offsets))
-            else:
-                idx = kept[name]
-                width = int(offsets.max()) + 1 if res.count else 0
-                pieces.append(Piece(name, "visual", res.tokens[idx], offsets[idx], width=width))
-            sep = self._separator_id(opts, j)
-            if sep is not None:
-                pieces.append(Piece(f"sep:{name}", "sep", self._embed_ids([sep])))
-        pieces.append(Piece("text_after", "text", text_emb[n_before:]))
-        return pieces
-
-    def _keep_total(self, opts: InferenceOptions, per_member: dict[str, list[BudgetResult]],
-                    samples: list[list[Piece]], assembled: Assembled, text_embs: list[torch.Tensor],
-                    text_ids: list[tuple[list[int], list[int]]]) -> tuple[Assembled, list[list[Piece]]]:
+    def _keep_total(self, opts: InferenceOptions, visual: dict[str, list[BudgetResult]], assembled: Assembled,
+                    text_ids: list[tuple[list[int], list[int]]], separators: list[int | None]) -> Assembled:
         """Apply ``opts.total``: score every visual token by the last prompt position's attention in
         layer ``opts.total.layer`` of the full sequence, keep the best ``opts.total.tokens`` over all
-        members (:func:`~fuse.model.budget.select_total`), re-assemble. ``per_member`` is updated
-        in place (kept tokens, ``kept`` indices into the member's original tokens, no grid)."""
-        from .attention import last_position_attention
-
+        members (:func:`~fuse.model.budget.select_total`), re-assemble. ``visual`` is updated in place
+        (kept tokens; ``kept``: indices into the member's original tokens; no grid)."""
         attn = last_position_attention(self.llm, assembled.inputs_embeds, assembled.attention_mask,
                                        assembled.position_ids, opts.total.layer)  # [B, L]
-        new_samples = []
-        for i, (before, _) in enumerate(text_ids):
+        keeps = []
+        for i in range(len(text_ids)):
             spans = assembled.spans[i]
             scores = [attn[i, spans[n][0]:spans[n][1]] for n in self.member_names]
-            keep = dict(zip(self.member_names, select_total(scores, opts.total.tokens)))
-            new_samples.append(self._pieces(opts, per_member, i, text_embs[i], len(before), keep))
+            keeps.append(dict(zip(self.member_names, select_total(scores, opts.total.tokens))))
+        out = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, kept=keeps)
+        for i, keep in enumerate(keeps):
             for name, idx in keep.items():
-                res = per_member[name][i]
+                res = visual[name][i]
                 base = res.kept if res.kept is not None else torch.arange(res.count)
-                per_member[name][i] = BudgetResult(res.tokens[idx], None, base[idx])
-        return assemble(new_samples), new_samples
+                visual[name][i] = BudgetResult(res.tokens[idx], None, base[idx])
+        return out
 
     def _separator_id(self, opts: InferenceOptions, j: int) -> int | None:
         """Token id to insert after member ``j`` (never after the last member)."""
@@ -472,13 +364,12 @@ class FusedModel(PreTrainedModel):
 
     # ------------------------------------------------------------------ running
     def forward(self, images: Any = None, prompts: Any = None, inputs: FusedInputs | None = None,
-                template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                max_visual_tokens: Any = None, **llm_kwargs: Any):
+                template: bool = True, inference: Mapping[str, Any] | None = None, **llm_kwargs: Any):
         """One forward pass of the merged LLM; returns its output (``.logits [B, L, V]``) with
         ``.fused_inputs`` set to the :class:`FusedInputs` used (build them with :meth:`prepare`)."""
+        refuse_inference_keywords(llm_kwargs)
         if inputs is None:
-            inputs = self.prepare(images, prompts, template, token_budget, positions, separator,
-                                  max_visual_tokens=max_visual_tokens)
+            inputs = self.prepare(images, prompts, template, inference)
         out = self.llm(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                        position_ids=inputs.position_ids, **llm_kwargs)
         out.fused_inputs = inputs
@@ -487,49 +378,37 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def generate(self, images: Any, prompts: str | Sequence[str], max_new_tokens: int = 128,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 template: bool = True, token_budget: Any = None, positions: Any = None, separator: Any = None,
-                 return_details: bool = False, seed: int | None = None, max_visual_tokens: Any = None,
-                 **gen_kwargs: Any):
+                 template: bool = True, inference: Mapping[str, Any] | None = None,
+                 return_details: bool = False, seed: int | None = None, **gen_kwargs: Any):
         """Answer ``prompts`` (one image each). Returns ``list[str]``, or a :class:`GenerationResult`
         with ``return_details=True``.
 
         Batched with left padding; stops on every member's eos id (``fuse_config.text.eos_token_ids``);
         greedy by default, sampling with ``do_sample=True`` (``temperature``, ``top_p``, ``seed``).
-        Extra ``gen_kwargs`` go to transformers' ``GenerationConfig`` (e.g. ``repetition_penalty``).
+        ``inference``: as for :meth:`prepare`. Extra ``gen_kwargs`` go to transformers' ``GenerationConfig``
+        (e.g. ``repetition_penalty``).
         """
-        from transformers import GenerationConfig
-
+        refuse_inference_keywords(gen_kwargs)
+        check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens,
-                              max_visual_tokens)
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
         eos = self.eos_token_ids
-        tok = self.text.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-        cfg: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
-                               "eos_token_id": eos or None, "pad_token_id": pad}
-        if do_sample:
-            cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=gen_kwargs.pop("top_k", 0))
-        cfg.update(gen_kwargs)
+        config = generation_config(self.text.tokenizer, eos, max_new_tokens, do_sample, temperature, top_p,
+                                   **gen_kwargs)
         if seed is not None:
             torch.manual_seed(seed)
         t1 = time.perf_counter()
         out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                position_ids=inputs.position_ids, generation_config=GenerationConfig(**cfg))
+                                position_ids=inputs.position_ids, generation_config=config,
+                                logits_processor=LogitsProcessorList([FiniteLogits(self.llm.dtype)]))
         t_gen = time.perf_counter() - t1
-        ids = [self._cut_at_eos(row.tolist()) for row in out]
+        ids = [cut_at_eos(row.tolist(), eos) for row in out]
         texts = [self.decode(r) for r in ids]
         if not return_details:
             return texts[0] if single else texts
         timings = {**inputs.timings, "generate": t_gen, "total": time.perf_counter() - t0}
         return GenerationResult(texts, ids, inputs.tokens, inputs.assembled.lengths, timings)
-
-    def _cut_at_eos(self, ids: list[int]) -> list[int]:
-        eos = set(self.eos_token_ids)
-        for k, i in enumerate(ids):
-            if i in eos:
-                return ids[:k]
-        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; ids beyond the tokenizer (extra embedding rows) are dropped."""
@@ -541,12 +420,11 @@ class FusedModel(PreTrainedModel):
     @torch.no_grad()
     def capture_attention(self, images: Any, prompts: str | Sequence[str], layers: int | Sequence[int] | None = None,
                           query: str | Sequence[int] = "last", max_new_tokens: int = 16, template: bool = True,
-                          token_budget: Any = None, positions: Any = None, separator: Any = None,
-                          max_visual_tokens: Any = None) -> AttentionCapture:
+                          inference: Mapping[str, Any] | None = None) -> AttentionCapture:
         """Attention from chosen positions to each member's visual tokens, per requested layer.
 
         Args:
-            images, prompts: as for :meth:`generate` (one image per prompt).
+            images, prompts, template, inference: as for :meth:`generate` (one image per prompt).
             layers: LLM layer indices (negative from the end); None = every layer. Only these layers
                 are hooked; other layers' attention is never stored.
             query: which positions attend (in each sample's own unpadded sequence):
@@ -565,113 +443,16 @@ class FusedModel(PreTrainedModel):
         The LLM runs with eager attention during the capture (switched back afterwards); samples are
         run one at a time, unpadded, after the vision branches ran batched.
         """
-        from .attention import decoder_layers
-
-        inputs = self.prepare(images, prompts, template, token_budget, positions, separator, max_new_tokens,
-                              max_visual_tokens)
-        layer_ids = resolve_layers(layers, len(decoder_layers(self.llm)))
+        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
+        layer_ids = llm_layer_indices(layers, len(decoder_layers(self.llm)))
         answers: list[list[int]] = [[] for _ in inputs.assembled.lengths]
         if query == "answer":
             out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                     position_ids=inputs.position_ids,
-                                    generation_config=self._greedy_config(max_new_tokens))
-            answers = [self._cut_at_eos(r.tolist()) for r in out]
-        asm = inputs.assembled
-        samples = []
-        for b, (n, pad) in enumerate(zip(asm.lengths, asm.pad)):
-            emb = asm.inputs_embeds[b:b + 1, pad:]
-            pos = asm.position_ids[b:b + 1, pad:]
-            spans = {k: (s - pad, e - pad) for k, (s, e) in asm.spans[b].items()}
-            q = self._query_positions(query, n, spans, len(answers[b]))
-            if answers[b]:
-                extra = self._embed_ids(answers[b]).unsqueeze(0).to(emb.dtype)
-                emb = torch.cat([emb, extra], 1)
-                pos = torch.cat([pos, pos[:, -1:] + 1 + torch.arange(len(answers[b]), device=pos.device)], 1)
-                spans["answer"] = (n, n + len(answers[b]))
-            key_spans = {m: spans[m] for m in self.member_names}
-            qt = torch.tensor(q, dtype=torch.long)
-            with record_attention(self.llm, layer_ids, qt, key_spans) as store:
-                self.llm(inputs_embeds=emb, position_ids=pos, use_cache=False)
-            samples.append(SampleAttention(
-                query_positions=q, spans=spans, grids=inputs.grids[b], kept=inputs.kept[b],
-                raw_grids=inputs.raw_grids[b], weights={l: store[l] for l in layer_ids},
-                answer=self.decode(answers[b]) if query == "answer" else None,
-                answer_ids=answers[b] if query == "answer" else None))
-        return AttentionCapture(layers=layer_ids, members=self.member_names, samples=samples)
-
-    def _greedy_config(self, max_new_tokens: int):
-        from transformers import GenerationConfig
-
-        tok = self.text.tokenizer
-        eos = self.eos_token_ids
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0)
-        return GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, eos_token_id=eos or None,
-                                pad_token_id=pad)
-
-    @staticmethod
-    def _query_positions(query: Any, n: int, spans: dict[str, tuple[int, int]], n_answer: int) -> list[int]:
-        if query == "last":
-            return [n - 1]
-        if query == "answer":
-            return [n - 1] + list(range(n, n + max(n_answer - 1, 0)))
-        if query == "text_after":
-            s, e = spans["text_after"]
-            if e <= s:
-                raise FuseError("query 'text_after': this prompt has no text after the image")
-            return list(range(s, e))
-        if isinstance(query, str):
-            raise FuseError(f"query {query!r}: expected 'last', 'answer', 'text_after' or a list of positions")
-        out = []
-        for p in query:
-            i = int(p) + n if int(p) < 0 else int(p)
-            if not 0 <= i < n:
-                raise FuseError(f"query position {p} is outside the prompt of {n} tokens")
-            out.append(i)
-        return out
-
-
-# ---------------------------------------------------------------------- helpers
-def _load_llm(llm_dir: Path, dtype: torch.dtype | None, attn_implementation: str | None = None) -> nn.Module:
-    """``AutoModelForCausalLM`` from a directory, with one-line errors naming missing files."""
-    from transformers import AutoModelForCausalLM
-
-    if not llm_dir.is_dir():
-        raise CheckpointError(f"{llm_dir}: missing merged LLM directory")
-    read_json(llm_dir / "config.json", "LLM config.json")
-    LazyCheckpoint(llm_dir)  # clear error on missing/truncated safetensors shards
-    kw: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(llm_dir), **kw)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{llm_dir}: cannot load the merged LLM ({str(e).splitlines()[0]})") from None
-    return model.eval()
-
-
-def _fused_text_side(root: Path, config: FusedConfig, member_texts: dict[str, TextSide]) -> TextSide:
-    """The text member's TextSide, with the fused eos union and the tokenizer saved in ``llm/`` if any."""
-    names = config.member_names
-    tm = config.text.get("member") or names[0]
-    if tm not in names:
-        raise CheckpointError(f"{root / FUSE_CONFIG}: text.member {tm!r} is not one of the members {names}")
-    base = member_texts.get(tm) or TextSide(tokenizer_path=None)
-    llm_dir = root / "llm"
-    tok_path = str(llm_dir) if any((llm_dir / f).is_file() for f in TOKENIZER_FILES) else base.tokenizer_path
-    if tok_path is None:
-        raise CheckpointError(f"{llm_dir}: no tokenizer files (tokenizer.json / tokenizer_config.json) and "
-                              f"member {tm!r} records none")
-    eos = config.text.get("eos_token_ids")
-    if eos is None:
-        eos = []
-        for m in config.members:
-            for i in m.get("eos_token_ids") or []:
-                if i not in eos:
-                    eos.append(i)
-    return TextSide(tokenizer_path=tok_path, prompt_style=config.text.get("prompt_style") or base.prompt_style,
-                    placeholder=config.text.get("placeholder") or base.placeholder,
-                    eos_token_ids=[int(i) for i in (eos or base.eos_token_ids)],
-                    separator_token_id=base.separator_token_id)
+                                    generation_config=generation_config(self.text.tokenizer, self.eos_token_ids,
+                                                                        max_new_tokens))
+            answers = [cut_at_eos(r.tolist(), self.eos_token_ids) for r in out]
+        return capture(self, inputs, layer_ids, query, answers)
 
 
 def load(path: str | os.PathLike, **kwargs: Any) -> FusedModel:
@@ -679,4 +460,4 @@ def load(path: str | os.PathLike, **kwargs: Any) -> FusedModel:
     return FusedModel.from_pretrained(path, **kwargs)
 
 
-__all__ = ["FusedModel", "FusedInputs", "GenerationResult", "load"]
+__all__ = ["FusedModel", "FusedInputs", "GenerationResult", "check_generation", "load"]

@@ -1,8 +1,9 @@
 """Inference options of a fused model: token budget, position sharing, separators.
 
 These come from the recipe's ``inference`` section (copied verbatim into
-``fuse_config.json`` by ``fuse merge``) and can be overridden per call or on the
-``fuse generate`` command line. Every field accepts one spec for all members or
+``fuse_config.json`` by ``fuse merge``) and can be overridden per call (the ``inference``
+argument of ``FusedModel.prepare/forward/generate/capture_attention``, same keys and values) or
+on the ``fuse generate`` command line. Every field accepts one spec for all members or
 a mapping ``member name -> spec``::
 
     inference:
@@ -22,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import RecipeError
+from ..errors import FuseError, RecipeError
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class PositionSpec:
         return f"groups:{self.groups}" if self.kind == "groups" else self.kind
 
 
+INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens")
 BUDGET_KINDS = ("all", "pool", "topk")
 POSITION_KINDS = ("sequential", "share", "groups", "rows")
 
@@ -185,6 +187,14 @@ def parse_total(spec: Any, field_name: str = "inference.max_visual_tokens") -> T
     return TotalBudget(_int(tokens, field_name), _int(layer, field_name, minimum=0) if layer else 1)
 
 
+def _known_keys(section: Mapping[str, Any] | None) -> dict[str, Any]:
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(INFERENCE_KEYS))
+    if unknown:
+        raise RecipeError(f"inference: unknown key(s) {unknown}; known: {sorted(INFERENCE_KEYS)}")
+    return section
+
+
 @dataclass
 class InferenceOptions:
     """Resolved per-member options (member name -> spec), the separator policy and the total cap."""
@@ -197,11 +207,7 @@ class InferenceOptions:
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
         """Validate a recipe/fuse_config ``inference`` section for members ``names``."""
-        section = dict(section or {})
-        known = {"token_budget", "positions", "separator", "max_visual_tokens"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise RecipeError(f"inference: unknown key(s) {unknown}; known: {sorted(known)}")
+        section = _known_keys(section)
         sep = section.get("separator", "none")
         if sep is None:
             sep = "none"
@@ -212,21 +218,33 @@ class InferenceOptions:
                                          "sequential"),
                    separator=sep, total=parse_total(section.get("max_visual_tokens")))
 
-    def override(self, names: Sequence[str], token_budget: Any = None, positions: Any = None,
-                 separator: Any = None, max_visual_tokens: Any = None) -> "InferenceOptions":
-        """A copy with the given fields replaced (None keeps the current value)."""
+    def override(self, names: Sequence[str], overrides: Mapping[str, Any] | None = None) -> "InferenceOptions":
+        """A copy with what ``overrides`` gives replaced: the keys and values of an ``inference`` section
+        (``token_budget``, ``positions``, ``separator``; a ``{member: spec}`` mapping replaces those members
+        only; None keeps the current value)."""
+        overrides = _known_keys(overrides)
         out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total)
-        if max_visual_tokens is not None:
-            out.total = parse_total(max_visual_tokens, "max_visual_tokens")
-        if token_budget is not None:
-            out.budget.update(_per_member(token_budget, names, parse_budget, "token_budget", "all"))
-        if positions is not None:
-            out.positions.update(_per_member(positions, names, parse_positions, "positions", "sequential"))
-        if separator is not None:
-            out.separator = InferenceOptions.parse({"separator": separator}, names).separator
+        if overrides.get("max_visual_tokens") is not None:
+            out.total = parse_total(overrides["max_visual_tokens"], "max_visual_tokens")
+        if overrides.get("token_budget") is not None:
+            out.budget.update(_per_member(overrides["token_budget"], names, parse_budget, "token_budget", "all"))
+        if overrides.get("positions") is not None:
+            out.positions.update(_per_member(overrides["positions"], names, parse_positions, "positions",
+                                             "sequential"))
+        if overrides.get("separator") is not None:
+            out.separator = InferenceOptions.parse({"separator": overrides["separator"]}, names).separator
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
                 "max_visual_tokens": str(self.total) if self.total else None}
+
+
+def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:
+    """token_budget= / positions= / separator= used to be keywords of their own; passed that way now they
+    would reach transformers' GenerationConfig (or the LLM) and be ignored silently."""
+    old = [k for k in INFERENCE_KEYS if k in kwargs]
+    if old:
+        raise FuseError(f"{old[0]}=...: inference options are passed together, as inference={{{old[0]!r}: ...}}")
+

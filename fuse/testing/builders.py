@@ -6,6 +6,8 @@
   whose LLM is the base plus a small seeded delta (a "fine-tune").
 - :func:`llava_hf_to_original` / :func:`build_llava_member`: the same weights in the original
   LLaVA-1.5 layout (``model.mm_projector.{0,2}``, ``model.vision_tower.vision_tower.vision_model.*``).
+- :func:`rewrite_weights`: a copy of a checkpoint with edited tensors (NaN, other dtypes, extra rows);
+  :func:`random_image`, :func:`png_bomb`: test images.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import struct
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +48,35 @@ def _save(directory: Path, state: dict[str, torch.Tensor], config: dict, max_sha
     if eos is not None:
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
     return directory
+
+
+def rewrite_weights(src: str | os.PathLike, dst: str | os.PathLike,
+                    edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """Copy checkpoint directory ``src`` to ``dst`` and rewrite its safetensors with ``edit(state_dict)``
+    applied (the dict is edited in place; its tensors are the checkpoint's, read in full)."""
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    sd = LazyCheckpoint(dst).state_dict()
+    edit(sd)
+    for f in dst.glob("*.safetensors*"):
+        f.unlink()
+    w = ShardedWriter(dst)
+    for k, v in sd.items():
+        w.add(k, v)
+    w.close()
+    return dst
+
+
+def png_bomb(path: str | os.PathLike, width: int = 15000, height: int | None = None) -> Path:
+    """A small PNG file whose header declares ``width`` x ``height`` pixels (default square: 225 Mpx), which
+    PIL refuses to open (decompression-bomb check): the input of the "image too large" refusals."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = Path(path)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height or width, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
@@ -146,11 +181,14 @@ def build_llava_hf_member(directory: str | os.PathLike, base_dir: str | os.PathL
 
 
 def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, include_tower: bool = True,
-                         image_aspect_ratio: str = "pad", max_shard: str | int = "2GB") -> Path:
+                         image_aspect_ratio: str = "pad", max_shard: str | int = "2GB",
+                         tower_ref: str | os.PathLike | None = None) -> Path:
     """Rewrite a llava-hf checkpoint in the original LLaVA-1.5 layout (``LlavaLlamaForCausalLM``).
 
     The CLIP tower is also saved as a standalone model in ``<out_dir>-clip`` and named by
     ``mm_vision_tower`` (as the real config names ``openai/clip-vit-large-patch14-336``).
+    ``tower_ref``: what ``mm_vision_tower`` records instead of that path (e.g. where the tower
+    will be once a temporary build directory is renamed into place).
     """
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -185,7 +223,7 @@ def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         raise ValueError("the original LLaVA format has a single mm_vision_select_layer")
     new = {**{k: v for k, v in cfg["text_config"].items() if k not in ("model_type", "architectures")},
            "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-           "mm_vision_tower": str(clip_dir), "mm_hidden_size": vcfg.hidden_size, "mm_projector_type": "mlp2x_gelu",
+           "mm_vision_tower": str(tower_ref or clip_dir), "mm_hidden_size": vcfg.hidden_size, "mm_projector_type": "mlp2x_gelu",
            "mm_vision_select_layer": layer,
            "mm_vision_select_feature": "patch" if cfg.get("vision_feature_select_strategy") == "default" else "cls_patch",
            "image_aspect_ratio": image_aspect_ratio, "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
@@ -197,10 +235,10 @@ def llava_hf_to_original(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
 
 def build_llava_member(directory: str | os.PathLike, base_dir: str | os.PathLike, seed: int = 1,
-                       include_tower: bool = True, **kw) -> Path:
+                       include_tower: bool = True, tower_ref: str | os.PathLike | None = None, **kw) -> Path:
     """A tiny original-layout LLaVA-1.5 member (built via the llava-hf builder and converted)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         hf, _ = build_llava_hf_member(Path(tmp) / "hf", base_dir, seed, **kw)
-        return llava_hf_to_original(hf, directory, include_tower=include_tower)
+        return llava_hf_to_original(hf, directory, include_tower=include_tower, tower_ref=tower_ref)

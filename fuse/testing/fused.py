@@ -8,7 +8,6 @@ vision branch is saved with ``Member.save_vision_branch``, and ``fuse_config.jso
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,39 +23,36 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
     """
     from transformers import AutoModelForCausalLM
 
-    from ..checkpoint import atomic_output_dir
+    from ..fused_layout import (FORMAT_VERSION, LLM_DIR, MODEL_CARD, fused_eos_ids, member_dir, model_card,
+                                write_configs)
     from ..members import Member, load_member
+    from ..names import unique_names
+    from ..output_dir import atomic_output_dir
 
     loaded = [m if isinstance(m, Member) else load_member(m) for m in members]
-    names = list(names) if names else [m.name for m in loaded]
-    if len(set(names)) != len(names):
-        names = [f"{n}_{i}" for i, n in enumerate(names)]
+    names = unique_names(names or [m.name for m in loaded])
     with atomic_output_dir(out, force=True) as tmp:
         if isinstance(llm, int):
             model = loaded[llm].llm.load_model(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype)
-        model.save_pretrained(str(tmp / "llm"))
+            model = AutoModelForCausalLM.from_pretrained(str(llm), dtype=dtype, use_safetensors=True)
+        model.save_pretrained(str(tmp / LLM_DIR))
         text = loaded[text_member].text
-        text.tokenizer.save_pretrained(str(tmp / "llm"))
+        text.tokenizer.save_pretrained(str(tmp / LLM_DIR))
         infos = []
         for n, m in zip(names, loaded):
-            m.save_vision_branch(tmp / "members" / n)
-            infos.append({"name": n, "dir": f"members/{n}", "format": m.format, "source": str(m.path),
+            m.save_vision_branch(tmp / member_dir(n))
+            infos.append({"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path),
                           "weight": 1.0 / len(loaded), "density": None, "eos_token_ids": list(m.text.eos_token_ids),
                           "vocab_rows": m.llm.vocab_rows, "prompt_style": m.text.prompt_style,
                           "separator_token_id": m.text.separator_token_id})
-        eos: list[int] = []
-        for m in loaded:
-            eos += [i for i in m.text.eos_token_ids if i not in eos]
-        cfg = {"format_version": 1, "base_model": None, "members": infos,
+        eos = fused_eos_ids([m.text.eos_token_ids for m in loaded], text_member)
+        cfg = {"format_version": FORMAT_VERSION, "base_model": None, "members": infos,
                "merge": {"method": "copy" if isinstance(llm, int) else "external", "parameters": {},
                          "dtype": None, "out_dtype": None, "seed": None},
                "text": {"member": names[text_member], "prompt_style": text.prompt_style,
                         "placeholder": text.placeholder, "eos_token_ids": eos},
                "inference": dict(inference or {}), "sources": {}}
-        (tmp / "fuse_config.json").write_text(json.dumps(cfg, indent=2))
-        (tmp / "config.json").write_text(json.dumps({"model_type": "visionfuse", "architectures": ["FusedModel"],
-                                                     **cfg}, indent=2))
-        (tmp / "README.md").write_text(f"# test fused model\n\nmembers: {', '.join(names)}\n")
+        write_configs(tmp, cfg)
+        (tmp / MODEL_CARD).write_text(model_card(cfg))
     return Path(out)

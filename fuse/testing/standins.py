@@ -79,7 +79,7 @@ def convnext_shapes(prefix: str = "model.vision_tower_aux.") -> dict[str, tuple[
 
 def mgm_shapes() -> dict[str, tuple[int, ...]]:
     from ..members.mgm_mining import PatchInfoMining
-    from ..members.projectors import build_projector
+    from ..fusions.projectors import build_projector
 
     with torch.device("meta"):
         mining = PatchInfoMining(1024, sum(CONVNEXT_L["hidden_sizes"]))
@@ -248,7 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m fuse.testing.standins OUT_DIR", file=sys.stderr)
         return 2
-    figs = write_standins(argv[0])
+    from ..cli_utils import user_errors
+    from ..output_dir import atomic_output_dir
+
+    @user_errors
+    def write() -> dict:  # atomically; an earlier stand-ins dir is replaced, any other directory refused
+        with atomic_output_dir(argv[0], force=True) as tmp:
+            return write_standins(tmp)
+
+    figs = write()
     for name, f in figs.items():
         shards = " + ".join(f"{s / 1e9:.2f}" for s in f["shards"])
         print(f"{name}: {f['tensors']} tensors, {f['bytes']:,} bytes ({f['bytes'] / 1e9:.2f} GB; shards {shards} GB)")

@@ -9,12 +9,11 @@ import os
 import psutil
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fuse.checkpoint import LazyCheckpoint, ShardedWriter, atomic_output_dir, parse_size
-from fuse.cli import main
+from fuse.checkpoint import LazyCheckpoint, ShardedWriter, parse_size
 from fuse.errors import CheckpointError
+from fuse.output_dir import MARKER, atomic_output_dir
 
 
 def _write_sharded(d, n_tensors=6, numel=2_500_000, shard="25MB"):
@@ -111,7 +110,7 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
             pass
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "b").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "b"]
 
 
 def test_parse_size():
@@ -120,22 +119,18 @@ def test_parse_size():
         parse_size("lots")
 
 
-def _run(*args):
-    r = CliRunner().invoke(main, list(args))
-    return r.exit_code, r.output
-
-
-def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_llava_hf):
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_llava_hf, run_fuse):
     (tmp_path / "noconf").mkdir()
-    code, out = _run("inspect", str(tmp_path / "noconf"))
-    assert code != 0 and "noconf/config.json: missing config.json" in out and "Traceback" not in out
-    assert len(out.strip().splitlines()) == 1
+    r = run_fuse("inspect", str(tmp_path / "noconf"))
+    assert r.exit_code != 0 and "noconf/config.json: missing config.json" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
 
     (tmp_path / "weird").mkdir()
     (tmp_path / "weird" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     save_file({"x": torch.zeros(2)}, str(tmp_path / "weird" / "model.safetensors"))
-    code, out = _run("inspect", str(tmp_path / "weird"))
-    assert code != 0 and "unknown architecture 'GPT2LMHeadModel'" in out and "weird/config.json" in out
+    r = run_fuse("inspect", str(tmp_path / "weird"))
+    assert r.exit_code != 0 and "unknown architecture 'GPT2LMHeadModel'" in r.output
+    assert "weird/config.json" in r.output
 
     import shutil
 
@@ -143,15 +138,16 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, tiny_llava_hf):
     shutil.copytree(tiny_llava_hf[0], bad)
     f = bad / "model.safetensors"
     os.truncate(f, f.stat().st_size // 2)
-    code, out = _run("inspect", str(bad))
-    assert code != 0 and "trunc/model.safetensors: truncated" in out and len(out.strip().splitlines()) == 1
+    r = run_fuse("inspect", str(bad))
+    assert r.exit_code != 0 and "trunc/model.safetensors: truncated" in r.output
+    assert len(r.output.strip().splitlines()) == 1
 
-    code, out = _run("inspect", str(tmp_path / "does-not-exist"))
-    assert code != 0 and "does-not-exist" in out
+    r = run_fuse("inspect", str(tmp_path / "does-not-exist"))
+    assert r.exit_code != 0 and "does-not-exist" in r.output
 
 
-def test_cli_inspect_reports_parts(tiny_llava_hf):
-    code, out = _run("inspect", str(tiny_llava_hf[0]), "--json")
-    assert code == 0
-    info = json.loads(out)
+def test_cli_inspect_reports_parts(tiny_llava_hf, run_fuse):
+    r = run_fuse("inspect", str(tiny_llava_hf[0]), "--json")
+    assert r.exit_code == 0
+    info = json.loads(r.output)
     assert info["format"] == "llava-hf" and info["tensors_by_part"]["encoder"] > 0 and info["vocab_rows"] == 256

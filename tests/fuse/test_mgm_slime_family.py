@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
 
-pytest.importorskip("fuse.commands.merge")
-pytest.importorskip("fuse.commands.generate")
-
-from fuse.checkpoint import LazyCheckpoint  # noqa: E402
-from fuse.cli import main  # noqa: E402
-from fuse.testing import random_image  # noqa: E402
-from fuse.testing.mgm import build_mgm_member  # noqa: E402
-from fuse.testing.slime import build_slime_member  # noqa: E402
+from fuse.checkpoint import LazyCheckpoint
+from fuse.testing import random_image
+from fuse.testing.mgm import build_mgm_member
+from fuse.testing.slime import build_slime_member
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PATCH_GRID = 16  # tiny CLIP: 56 px / 14 = 4x4 (real: 24x24 = 576)
@@ -50,17 +45,12 @@ def _recipe(d: Path, base_dir: Path, members: list[dict], name: str) -> Path:
     return p
 
 
-def _run(args):
-    res = CliRunner().invoke(main, args, catch_exceptions=False)
-    return res.exit_code, res.output
-
-
 @pytest.mark.parametrize("mgm_dir, mgm_views", [("mgm", 1), ("mgm_hd", 5)])
-def test_merge_then_generate(family, tiny_base, mgm_dir, mgm_views):
+def test_merge_then_generate(family, tiny_base, mgm_dir, mgm_views, run_fuse):
     recipe = _recipe(family, tiny_base, [{"model": mgm_dir, "format": "mgm", "weight": 0.5, "name": "mgm"},
                               {"model": "slime", "format": "slime", "weight": 0.5, "name": "slime"}], mgm_dir)
-    code, out = _run(["merge", str(recipe), "--force", "-q"])
-    assert code == 0, out
+    r = run_fuse("merge", str(recipe), "--force", "-q", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
     fused = family / f"out_{mgm_dir}"
     cfg = json.loads((fused / "fuse_config.json").read_text())
     assert [m["name"] for m in cfg["members"]] == ["mgm", "slime"]
@@ -70,10 +60,10 @@ def test_merge_then_generate(family, tiny_base, mgm_dir, mgm_views):
     assert llm.shape("model.embed_tokens.weight")[0] == 257  # SliME's extra row carried
     assert (fused / "members" / "mgm" / "vision_config.json").is_file()
 
-    code, out = _run(["generate", str(fused), "--image", str(family / "img.png"),
-                      "--prompt", "<image>\nWhat colour is the circle?", "--max-new-tokens", "4", "--json"])
-    assert code == 0, out
-    payload = json.loads(out[out.index("{"):])
+    r = run_fuse("generate", fused, "--image", family / "img.png", "--prompt", "<image>\nWhat colour is the circle?",
+                 "--max-new-tokens", "4", "--json", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.output[r.output.index("{"):])
     assert isinstance(payload["answer"], str)
     tokens = payload["tokens"]
     assert tokens["mgm"] == mgm_views * PATCH_GRID
@@ -83,16 +73,16 @@ def test_merge_then_generate(family, tiny_base, mgm_dir, mgm_views):
     assert payload["visual_tokens"] == tokens["mgm"] + tokens["slime"]
 
     # degenerate images: padded/upscaled (MGM), cut into 2 stacked crops (SliME), never an error
-    code, out = _run(["generate", str(fused), "--image", str(family / "sliver.png"), "--image",
-                      str(family / "tiny.png"), "--prompt", "<image>\nWhat is it?", "--max-new-tokens", "2", "--json"])
-    assert code == 0, out
-    for item in json.loads(out[out.index("{"):])["results"]:
+    r = run_fuse("generate", fused, "--image", family / "sliver.png", "--image", family / "tiny.png",
+                 "--prompt", "<image>\nWhat is it?", "--max-new-tokens", "2", "--json", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    for item in json.loads(r.output[r.output.index("{"):])["results"]:
         assert item["tokens"]["mgm"] == mgm_views * PATCH_GRID
         assert 1 <= item["tokens"]["slime"] - PATCH_GRID - 1 <= 2 * 4  # both images get a 1x2 crop grid
 
 
 @pytest.mark.skipif(not os.environ.get("FUSE_SLOW_TESTS"), reason="~45 s of CPU: set FUSE_SLOW_TESTS=1")
-def test_dry_run_against_real_size_standins(tmp_path):
+def test_dry_run_against_real_size_standins(tmp_path, run_fuse):
     """`fuse merge --dry-run` of recipes/minigemini_slime.yaml on config-only stand-ins of the real
     checkpoints (real configs and key lists, sparse files): 291 LLM tensors, 3 x 16.06 GB read."""
     from fuse.testing.standins import write_standins
@@ -102,8 +92,8 @@ def test_dry_run_against_real_size_standins(tmp_path):
     assert figs["llama3-8b-instruct"]["bytes"] == 16_060_522_496
     assert figs["mgm-8b"]["bytes"] == 17_115_878_272  # hub: 4.98 + 5.00 + 4.92 + 2.22 GB
     assert [round(s / 1e9, 2) for s in figs["mgm-8b"]["shards"]] == [4.98, 5.0, 4.92, 2.22]
-    code, out = _run(["merge", str(tmp_path / "minigemini_slime.yaml"), "--dry-run"])
-    assert code == 0, out
-    assert re.search(r"LLM tensors\s+291\b", out)
-    assert re.search(r"bytes to read\s+48\.18\d GB", out)
+    r = run_fuse("merge", str(tmp_path / "minigemini_slime.yaml"), "--dry-run", catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert re.search(r"LLM tensors\s+291\b", r.output)
+    assert re.search(r"bytes to read\s+48\.18\d GB", r.output)
     assert not (tmp_path / "fused").exists()

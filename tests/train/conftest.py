@@ -13,10 +13,6 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process / longer test (still run in CI; < 60 s)")
-
-
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory):
     """(json path, image root) of 16 memorisable coloured-shape samples."""

@@ -1,0 +1,87 @@
+"""Generation with a fused model: settings checked before any work, stopping on every member's eos id,
+NaN/Inf logits a loud error (what :meth:`FusedModel.generate <fuse.model.FusedModel.generate>` runs around
+transformers' own ``generate`` on the assembled ``inputs_embeds``)."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+from ..errors import FuseError, NumericsError
+
+
+@dataclass
+class GenerationResult:
+    """``texts`` (decoded answers), ``token_ids`` (answer ids, cut at the first eos),
+    ``tokens`` (member -> visual tokens per sample), ``prompt_tokens`` (sequence length per sample),
+    ``timings`` (seconds: ``vision`` per member, ``assembly``, ``generate``, ``total``)."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    tokens: list[dict[str, int]]
+    prompt_tokens: list[int]
+    timings: dict[str, Any]
+
+
+class FiniteLogits(LogitsProcessor):
+    """A transformers logits processor that fails loudly on NaN/+Inf scores (or a row that is all
+    -Inf), which greedy decoding would otherwise turn into an empty answer with exit code 0."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.step = dtype, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.step += 1
+        bad = torch.isnan(scores).any(-1) | torch.isposinf(scores).any(-1) | torch.isneginf(scores).all(-1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            raise NumericsError(f"the LLM produced NaN/Inf logits at generation step {self.step} for sample(s) "
+                                f"{rows} (NaN/Inf in the weights, or overflow in {self.dtype}); no answer is possible")
+        return scores
+
+
+def check_generation(max_new_tokens: Any, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                     seed: int | None = None) -> None:
+    """One-line errors for generation settings transformers would reject with a traceback (or take
+    silently): called by :meth:`FusedModel.generate` and by the CLIs before a model is loaded."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise FuseError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if do_sample:
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
+            raise FuseError(f"temperature: sampling needs a temperature > 0, got {temperature!r} "
+                            "(for greedy decoding, do not sample)")
+        if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise FuseError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
+        raise FuseError(f"seed: expected an integer in [0, 2^64), got {seed!r}")
+
+
+def generation_config(tokenizer: Any, eos: Sequence[int], max_new_tokens: int, do_sample: bool = False,
+                      temperature: float = 1.0, top_p: float = 1.0, **extra: Any):
+    """transformers' ``GenerationConfig``: stop on any of ``eos``; pad with the tokenizer's pad id (else the
+    first eos id); sampling settings only when sampling (``top_k`` off unless given); ``extra`` as given."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    cfg: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
+                           "eos_token_id": list(eos) or None, "pad_token_id": pad}
+    if do_sample:
+        cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=extra.pop("top_k", 0))
+    cfg.update(extra)
+    return GenerationConfig(**cfg)
+
+
+def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
+    """``ids`` up to (not including) the first eos id."""
+    stop = set(eos)
+    for k, i in enumerate(ids):
+        if i in stop:
+            return list(ids[:k])
+    return list(ids)
+
+
+__all__ = ["FiniteLogits", "GenerationResult", "check_generation", "cut_at_eos", "generation_config"]

@@ -1,0 +1,163 @@
+"""Two-member fused input sequence, batching with left padding, separators, eos union, text-aware branches."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fuse.members import VisionBranch, load_member
+from fuse.model import FusedModel
+from fuse.testing import build_llava_member, random_image
+from fuse.testing.fused import build_fused_dir
+
+PROMPTS = ["<image>\nWhat colour?", "How many objects are there in this picture, left or right? <image>",
+           "<image>\nIs there a red circle at the top of the image, and what shape is to the left of it?"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory, tiny_base, tiny_llava_hf):
+    d = tmp_path_factory.mktemp("two")
+    b = build_llava_member(d / "memb", tiny_base, seed=2)
+    out = build_fused_dir(d / "fused", [tiny_llava_hf[0], b])
+    return out, load_member(tiny_llava_hf[0]), load_member(b), FusedModel.from_pretrained(out)
+
+
+def embedding_table(out) -> torch.Tensor:
+    sd = {}
+    for f in (out / "llm").glob("*.safetensors"):
+        sd.update(load_file(str(f)))
+    return sd["model.embed_tokens.weight"]
+
+
+def test_sequence_is_before_m1_m2_after(two):
+    out, ma, mb, fused = two
+    img = random_image(11, (60, 44))
+    prompt = PROMPTS[0]
+    inputs = fused.prepare([img], [prompt])
+    # independent reconstruction: tokenizer on the two prompt halves, embedding rows from the saved LLM,
+    # each member's visual tokens from its own Member object (loaded from the member checkpoint)
+    tok = fused.text.tokenizer
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    before, after = full.split("<image>")
+    ids_b = tok(before, add_special_tokens=False)["input_ids"]
+    ids_a = tok(after, add_special_tokens=False)["input_ids"]
+    assert ids_b[0] == tok.bos_token_id
+    E = embedding_table(out)
+    ta, tb = ma.visual_tokens([img])[0], mb.visual_tokens([img])[0]
+    expected = torch.cat([E[ids_b], ta, tb, E[ids_a]])
+    got = inputs.inputs_embeds[0]
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-6
+    n0 = len(ids_b)
+    assert inputs.spans[0] == {"text_before": (0, n0), ma.name: (n0, n0 + 16), mb.name: (n0 + 16, n0 + 32),
+                               "text_after": (n0 + 32, n0 + 32 + len(ids_a))}
+    assert inputs.position_ids[0].tolist() == list(range(expected.shape[0]))
+    assert inputs.tokens == [{ma.name: 16, mb.name: 16}]
+    # the LLM really consumes that sequence
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(str(out / "llm")).eval()
+    with torch.no_grad():
+        ref = llm(inputs_embeds=expected[None]).logits
+        assert (fused(inputs=inputs).logits - ref).abs().max().item() < 1e-5
+
+
+def test_batch_left_padding_equals_one_by_one(two):
+    fused = two[3]
+    imgs = [random_image(20 + i, (64, 48)) for i in range(3)]
+    batch = fused.generate(imgs, PROMPTS, max_new_tokens=10, return_details=True)
+    assert len(set(batch.prompt_tokens)) == 3  # really different lengths -> padding is exercised
+    for i in range(3):
+        single = fused.generate([imgs[i]], [PROMPTS[i]], max_new_tokens=10, return_details=True)
+        assert single.token_ids[0] == batch.token_ids[i]
+        assert single.texts[0] == batch.texts[i]
+    inputs = fused.prepare(imgs, PROMPTS)
+    pad = inputs.assembled.pad
+    assert min(pad) == 0 and max(pad) > 0
+    for i in range(3):
+        assert inputs.attention_mask[i, :pad[i]].sum() == 0 and inputs.attention_mask[i, pad[i]:].all()
+        assert inputs.position_ids[i, pad[i]:].tolist() == list(range(inputs.assembled.lengths[i]))
+    with torch.no_grad():
+        logits = fused(inputs=inputs).logits
+        for i in range(3):
+            one = fused(images=[imgs[i]], prompts=[PROMPTS[i]]).logits
+            assert (logits[i, pad[i]:] - one[0]).abs().max().item() < 1e-4
+
+
+def test_stops_on_every_members_eos(two, tmp_path):
+    out, ma, mb, fused = two
+    img = random_image(30, (64, 64))
+    free = fused.generate([img], [PROMPTS[2]], max_new_tokens=8, return_details=True).token_ids[0]
+    assert len(free) >= 3
+    cfg = json.loads((out / "fuse_config.json").read_text())
+    cfg["text"]["eos_token_ids"] = cfg["text"]["eos_token_ids"] + [free[2]]  # e.g. a second member's eos
+    fused.config.text = cfg["text"]
+    try:
+        cut = fused.generate([img], [PROMPTS[2]], max_new_tokens=8, return_details=True).token_ids[0]
+    finally:
+        fused.config.text = json.loads((out / "fuse_config.json").read_text())["text"]
+    assert cut == free[:free.index(free[2])]
+
+
+def test_member_separator_inserted_between_members(two):
+    out, ma, mb, fused = two
+    img = random_image(12, (64, 64))
+    fused.config.members[0]["separator_token_id"] = 11
+    try:
+        inputs = fused.prepare([img], [PROMPTS[0]], inference={"separator": "member"})
+    finally:
+        fused.config.members[0]["separator_token_id"] = None
+    sp = inputs.spans[0]
+    assert sp[f"sep:{ma.name}"] == (sp[ma.name][1], sp[ma.name][1] + 1) == (sp[mb.name][0] - 1, sp[mb.name][0])
+    E = embedding_table(out)
+    s = sp[f"sep:{ma.name}"][0]
+    assert torch.equal(inputs.inputs_embeds[0, s], E[11])
+    fixed = fused.prepare([img], [PROMPTS[0]], inference={"separator": 7})
+    assert torch.equal(fixed.inputs_embeds[0, fixed.spans[0][f"sep:{ma.name}"][0]], E[7])
+    assert f"sep:{mb.name}" not in fixed.spans[0]  # nothing after the last member
+    assert "sep:" not in "".join(fused.prepare([img], [PROMPTS[0]]).spans[0])  # default: none
+
+
+class _TextProbe(VisionBranch):
+    """A branch whose tokens are its text embeddings' mean (to check what it receives)."""
+
+    kind = "test_text_probe"
+    needs_text = True
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def preprocess(self, images):
+        return {"n": torch.zeros(len(images))}
+
+    def forward(self, batch: dict[str, Any], text_embeds=None):
+        self.seen = [t.clone() for t in text_embeds]
+        return [self.scale * t.mean(0, keepdim=True).repeat(3, 1) for t in text_embeds]
+
+    @property
+    def output_dim(self):
+        return self.dim
+
+
+def test_text_aware_branch_gets_prompt_text_embeddings(two):
+    """Like SliME's get_pure_text_embedding: every prompt token (template included) but the image."""
+    fused = two[3]
+    probe = _TextProbe(64)
+    model = FusedModel(fused.config.__class__(members=[{"name": "probe"}], text=fused.config.text),
+                       llm=fused.llm, branches={"probe": probe}, text=fused.text)
+    q = "What colour is the square?"
+    inputs = model.prepare([random_image(1)], [f"<image>\n{q}"])
+    tok = fused.text.tokenizer
+    full = tok.apply_chat_template([{"role": "user", "content": f"<image>\n{q}"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = [i for i in tok(full, add_special_tokens=False)["input_ids"] if i != tok.convert_tokens_to_ids("<image>")]
+    E = fused.llm.get_input_embeddings().weight
+    assert len(probe.seen) == 1 and torch.equal(probe.seen[0], E[ids])
+    assert inputs.tokens == [{"probe": 3}]
