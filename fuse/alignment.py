@@ -199,10 +199,12 @@ def alignment_verdict(branches: dict[str, nn.Module], images: Sequence[Any], see
 
 
 def recipe_alignment(recipe: Any, images: str | None = None, n: int = DEFAULT_PROBES, seed: int = 0,
-                     echo: Callable[[str], None] | None = None) -> AlignmentVerdict:
+                     echo: Callable[[str], None] | None = None,
+                     paths: dict[str, Any] | None = None) -> AlignmentVerdict:
     """The verdict for a recipe's members: each member's vision branch is built (one at a time, in
     float32) and run on ``n`` images of the directory ``images`` (a seeded sample) or, without one, on
-    :func:`probe_images`. Text-conditioned branches get a neutral prompt embedded by the member's LLM."""
+    :func:`probe_images`. Text-conditioned branches get a neutral prompt embedded by the member's LLM.
+    ``paths``: recipe model source -> local directory (hub ids resolved by :func:`fuse.hub.resolve_recipe`)."""
     from .members import load_member
 
     pil = load_probe_images(images, n, seed)
@@ -210,7 +212,7 @@ def recipe_alignment(recipe: Any, images: str | None = None, n: int = DEFAULT_PR
     for i, (name, spec) in enumerate(zip(recipe.member_names(), recipe.members)):
         if echo:
             echo(f"alignment: running {name}'s vision branch on {len(pil)} images")
-        m = load_member(spec.model, format=spec.format, dtype=torch.float32, **(spec.options or {}))
+        m = load_member((paths or {}).get(spec.model, spec.model), format=spec.format, dtype=torch.float32, **(spec.options or {}))
         te = _neutral_prompt_embeds(m) if getattr(m.vision, "needs_text", False) else None
         stats[name] = member_statistics(m.vision, pil, i, seed, te)
         del m

@@ -98,7 +98,7 @@ def toy_family(out, seed, force, keep_work, jobs, steps_scale):
     import time
     from pathlib import Path
 
-    from fuse.checkpoint import atomic_output_dir
+    from fuse.output_dir import atomic_output_dir
 
     from .toyfamily import JOBS, train_family
 

@@ -11,22 +11,6 @@ from ..cli_utils import options_from_dataclass
 from ..merge.options import MergeOptions
 
 
-def _align_options(fn):
-    fn = click.option("--no-align-check", is_flag=True,
-                      help="Skip the visual-token alignment check (it builds and runs every vision branch).")(fn)
-    fn = click.option("--n", "n_images", type=click.IntRange(min=2), default=32, show_default=True,
-                      help="Images for the alignment check.")(fn)
-    fn = click.option("--images", type=click.Path(file_okay=False), default=None,
-                      help="Image directory for the alignment check [default: built-in synthetic probe images].")(fn)
-    return fn
-
-
-def _align_check(images: str | None, n_images: int, skip: bool):
-    from ..merge import AlignCheck
-
-    return None if skip else AlignCheck(images, n_images)
-
-
 @click.command("merge")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "out", type=click.Path(file_okay=False), default=None,

@@ -297,7 +297,8 @@ class FusedModel(PreTrainedModel):
         t1 = time.perf_counter()
         separators = [self._separator_id(opts, j) for j in range(len(self.member_names))]
         visual = {n: enc.budgeted[n] for n in self.member_names}
-        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators)
+        parallel = opts.member_positions == "parallel"
+        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, parallel=parallel)
         t_select = 0.0
         if opts.total is not None and any(sum(visual[n][i].count for n in visual) > opts.total.tokens
                                           for i in range(len(prompts))):
@@ -330,7 +331,8 @@ class FusedModel(PreTrainedModel):
             spans = assembled.spans[i]
             scores = [attn[i, spans[n][0]:spans[n][1]] for n in self.member_names]
             keeps.append(dict(zip(self.member_names, select_total(scores, opts.total.tokens))))
-        out = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, kept=keeps)
+        out = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, kept=keeps,
+                              parallel=opts.member_positions == "parallel")
         for i, keep in enumerate(keeps):
             for name, idx in keep.items():
                 res = visual[name][i]

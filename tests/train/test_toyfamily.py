@@ -79,9 +79,10 @@ def test_cli_refuses_existing_output(tmp_path):
 
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "keep.txt").write_text("mine")
-    res = CliRunner().invoke(main, ["toy-family", "-o", str(tmp_path / "x")])
-    assert res.exit_code == 2 and "output exists" in res.output
-    assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
+    for extra in ([], ["--force"]):  # --force replaces only what this toolkit wrote
+        res = CliRunner().invoke(main, ["toy-family", "-o", str(tmp_path / "x"), *extra])
+        assert res.exit_code == 2 and "not written by this toolkit" in res.output, res.output
+        assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
 @pytest.mark.skipif(not os.environ.get("FUSE_SLOW_TESTS"), reason="re-trains the family (~20 min): FUSE_SLOW_TESTS=1")

@@ -193,9 +193,9 @@ def test_total_budget_keeps_the_most_attended_tokens_at_their_positions(fused):
     a, b = fused.member_names
     imgs = [random_image(9, (64, 64)), random_image(10, (64, 64))]
     prompts = ["<image>\nWhat colour is the circle?", "<image>\nhow many?"]
-    full = fused.prepare(imgs, prompts, token_budget="all")
-    cap = fused.capture_attention(imgs, prompts, layers=[1], query="last", token_budget="all")
-    cut = fused.prepare(imgs, prompts, token_budget="all", max_visual_tokens="12@1")
+    full = fused.prepare(imgs, prompts, inference={"token_budget": "all"})
+    cap = fused.capture_attention(imgs, prompts, layers=[1], query="last", inference={"token_budget": "all"})
+    cut = fused.prepare(imgs, prompts, inference={"token_budget": "all", "max_visual_tokens": "12@1"})
     for i in range(2):
         assert sum(cut.tokens[i].values()) == 12 and cut.raw_tokens[i] == {a: 16, b: 16}
         w = cap.samples[i].weights[1]
@@ -212,7 +212,7 @@ def test_total_budget_keeps_the_most_attended_tokens_at_their_positions(fused):
         # the text after the image keeps its positions too
         assert torch.equal(cut.position_ids[i, slice(*cut.spans[i]["text_after"])],
                            full.position_ids[i, slice(*full.spans[i]["text_after"])])
-    res = fused.generate(imgs, prompts, max_new_tokens=3, token_budget="all", max_visual_tokens=12,
+    res = fused.generate(imgs, prompts, max_new_tokens=3, inference={"token_budget": "all", "max_visual_tokens": 12},
                          return_details=True)
     assert [sum(t.values()) for t in res.tokens] == [12, 12] and "select" in res.timings
-    assert fused.prepare(imgs, prompts, token_budget="all", max_visual_tokens=40).tokens == [{a: 16, b: 16}] * 2
+    assert fused.prepare(imgs, prompts, inference={"token_budget": "all", "max_visual_tokens": 40}).tokens == [{a: 16, b: 16}] * 2
