@@ -17,11 +17,14 @@ Per pair: cosine of mean tokens, per-dimension mean/variance gaps, Gaussian KL
 distance; linear CKA between spatially matched tokens when both branches give
 the same token layout on every image, and linear CKA between per-image mean
 tokens always (images matched).
+
+Verdict: the one ``fuse check`` prints (:mod:`fuse.alignment`), computed from the
+per-image mean tokens gathered here: the members' shared-direction similarity against
+each member vs the other member's random-projector control.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +32,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
+
+from fuse.alignment import CONTROL_DRAWS, random_projector_copy  # the control of `fuse check`
 
 from fuse.devices import resolve_device
 
@@ -130,38 +134,6 @@ class CrossStats:
 # ---------------------------------------------------------------------------
 # Controls
 # ---------------------------------------------------------------------------
-def _encoder_param_names(branch: nn.Module) -> set[str]:
-    from transformers import PreTrainedModel
-
-    from fuse.encoders import Encoder
-
-    names: set[str] = set()
-    for mname, mod in branch.named_modules():
-        if isinstance(mod, (Encoder, PreTrainedModel)):
-            names.update(f"{mname}.{p}" if mname else p for p, _ in mod.named_parameters())
-    return names
-
-
-def random_projector_copy(branch: nn.Module, seed: int = 0) -> tuple[nn.Module, list[str]]:
-    """A deep copy of ``branch`` whose non-encoder parameters (projector, adapters) are replaced by
-    Gaussian noise with each tensor's own mean and std (a constant tensor, e.g. a zero bias, keeps
-    its value). Returns (copy, names of replaced tensors)."""
-    ctrl = copy.deepcopy(branch)
-    enc = _encoder_param_names(ctrl)
-    g = torch.Generator().manual_seed(seed)
-    replaced = []
-    with torch.no_grad():
-        for name, p in ctrl.named_parameters():
-            if name in enc or not p.is_floating_point():
-                continue
-            t = p.detach().float().cpu()
-            std = float(t.std()) if t.numel() > 1 else 0.0
-            noise = torch.randn(t.shape, generator=g) * std + float(t.mean())  # constant tensors stay constant
-            p.copy_(noise.to(p.device, p.dtype))
-            replaced.append(name)
-    return ctrl, replaced
-
-
 # ---------------------------------------------------------------------------
 # Text reference
 # ---------------------------------------------------------------------------
@@ -208,6 +180,7 @@ class AlignResult:
     text_info: dict[str, int]
     notes: list[str] = field(default_factory=list)
     grids: dict[str, Any] = field(default_factory=dict)
+    verdict: Any = None  # fuse.alignment.AlignmentVerdict (None without controls or with < 2 members)
 
 
 def run_align(sources: Sources, paths: Sequence[Path], pipeline: PipelineOptions = PipelineOptions(), *,
@@ -231,7 +204,7 @@ def run_align(sources: Sources, paths: Sequence[Path], pipeline: PipelineOptions
         extractors[m.name] = BranchTokens(m.branch, m.name, text_embeds=te)
         roles[m.name] = "member"
         if m.name in ctrl_of:
-            ctrl, replaced = random_projector_copy(m.branch, seed=seed + 1000 + i)
+            ctrl, replaced = random_projector_copy(m.branch, seed=seed + 1000 + 100 * i)  # = fuse check's first draw
             if not replaced:
                 notes.append(f"{m.name}: no non-encoder parameters, no random-projector control")
                 continue
@@ -291,7 +264,22 @@ def run_align(sources: Sources, paths: Sequence[Path], pipeline: PipelineOptions
                 r["cka_tokens_note"] = cs.reason
         pairs[(a, b)] = r
     return AlignResult(entities, roles, stats, gauss, pairs, ex, tinfo, notes,
-                       {n: _layout_str(layouts[n]) for n in names})
+                       {n: _layout_str(layouts[n]) for n in names}, _verdict(stats, roles, ex.done))
+
+
+def _verdict(stats: dict[str, TokenStats], roles: dict[str, str], n_images: int):
+    """``fuse check``'s verdict (:mod:`fuse.alignment`) from the image-mean tokens gathered here."""
+    from fuse.alignment import verdict_from_statistics
+
+    members = [n for n, r in roles.items() if r == "member"]
+    if len(members) < 2 or n_images < 2:
+        return None
+    means = {n: torch.from_numpy(stats[n].image_mean_matrix()) for n in members}
+    ctrl = {n: ([torch.from_numpy(stats[n + CONTROL_SUFFIX].image_mean_matrix())] if n + CONTROL_SUFFIX in stats
+                else []) for n in members}
+    if not any(ctrl.values()):
+        return None
+    return verdict_from_statistics({n: (means[n], ctrl[n]) for n in members}, n_images)
 
 
 def _layout_str(layout: Any) -> str:
@@ -329,6 +317,21 @@ def build_report(result: AlignResult, sources: Sources, selection: ImageSelectio
     if result.text_info.get("excluded_near_zero"):
         rep.para(f"{result.text_info['excluded_near_zero']} embedding rows with a near-zero norm were left out of "
                  "the text reference.")
+    rep.heading("Verdict")
+    if result.verdict is None:
+        rep.para("No verdict: it needs at least two members, two images and random-projector controls "
+                 "(`--control all` or `first`).")
+    else:
+        v = result.verdict
+        rep.para(v.lines()[-1].replace("alignment verdict: ", "**Verdict:** "))
+        rep.para(f"Shared-direction similarity (cosine of the members' centred per-image mean tokens, coordinates "
+                 f"not rotated) against the same figure between each member and the other member's random-projector "
+                 f"control (RMS); a pair is aligned when it is at least {v.ratio:g} x the control and at least "
+                 f"{v.floor:g}, the rule of `fuse check` (which draws {CONTROL_DRAWS} controls per member; this report "
+                 "draws one, so its control level is noisier).")
+        rep.table(["pair", "similarity", "control", "ratio", "aligned"],
+                  [[f"{p.a} vs {p.b}", p.similarity, p.control, p.ratio, "yes" if p.aligned else "no"]
+                   for p in v.pairs])
     rep.heading("Member pairs")
     mp = [(a, b) for a, b in itertools.combinations(members, 2)]
     _pair_table(rep, result, mp)
@@ -352,6 +355,7 @@ def build_report(result: AlignResult, sources: Sources, selection: ImageSelectio
                          "mean": result.gauss[e].mean, "std": np.sqrt(np.clip(result.gauss[e].var, 0, None))}
                      for e in result.entities},
         "pairs": {f"{a}|{b}": r for (a, b), r in result.pairs.items()},
+        "verdict": result.verdict.to_dict() if result.verdict is not None else None,
         "notes": result.notes,
     }
     return rep

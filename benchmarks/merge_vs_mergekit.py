@@ -143,7 +143,9 @@ def main() -> None:
     fuse_bin = [shutil.which("fuse") or "fuse"]
     mk_bin = shutil.which("mergekit-yaml") or "mergekit-yaml"
     out_f, out_m = root / "out_fuse", root / "out_mergekit"
-    cmds = {"fuse": fuse_bin + ["merge", str(recipe), "-o", str(out_f), "-q"],
+    # the merge itself against mergekit's: fuse's visual-token alignment check (it builds and runs every
+    # vision branch; mergekit has nothing like it) is skipped, as the user can with --no-align-check
+    cmds = {"fuse": fuse_bin + ["merge", str(recipe), "-o", str(out_f), "-q", "--no-align-check"],
             "mergekit": [mk_bin, str(mk_cfg), str(out_m), "--quiet", *args.mergekit_args.split()]}
     member_gb = [sum(f.stat().st_size for f in Path(m).glob("*.safetensors")) / 1e9 for m in info["members"]]
     largest = largest_tensor_bytes(info["base"])
@@ -155,7 +157,8 @@ def main() -> None:
             with open(f, "rb") as fh:
                 while fh.read(1 << 24):
                     pass
-    dry_wall, dry_rss, _ = run_measured(fuse_bin + ["merge", str(recipe), "-o", str(out_f), "--dry-run"])
+    dry_wall, dry_rss, _ = run_measured(fuse_bin + ["merge", str(recipe), "-o", str(out_f), "--dry-run",
+                                                    "--no-align-check"])
     imports = {"fuse": [sys.executable, "-c", "import fuse.cli, fuse.merge.run"],
                "mergekit": [sys.executable, "-c", "import mergekit.scripts.run_yaml"]}
     results: dict[str, list[tuple[float, float]]] = {"fuse": [], "mergekit": []}

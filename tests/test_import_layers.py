@@ -16,11 +16,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("fuse", "train", "analysis")
 # importing package -> packages it must never import
 FORBIDDEN = {"fuse": {"train", "analysis"}, "train": {"analysis"}, "analysis": {"train"}}
-# Violations known when this test was written, as (file, imported package). Each entry must go as soon as
-# its fix lands: this test fails both on a new violation and on an entry that no longer happens.
-# fuse/toyfamily.py re-trains the toy family through train.api; issue 12 moves that training to
-# train/toyfamily.py (`train toy-family`), and then this entry is removed.
-KNOWN_VIOLATIONS = {("fuse/toyfamily.py", "train")}
 
 
 def module_name(path: Path) -> str:
@@ -66,7 +61,7 @@ def layer_violations() -> set[tuple[str, str]]:
 
 
 def test_layers_are_respected():
-    assert layer_violations() == KNOWN_VIOLATIONS
+    assert layer_violations() == set()
 
 
 # the command-line layer of fuse: click groups, commands and their plumbing (one-line errors, start-up)

@@ -42,6 +42,9 @@ def register(group: click.Group) -> None:
     @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
     @click.option("--token-budget", multiple=True, metavar="[NAME=]SPEC",
                   help="all | pool[:S] | pool:HxW | topk:K (default: the model's inference settings).")
+    @click.option("--max-visual-tokens", default=None, metavar="N[@LAYER]",
+                  help="Cap on all members' visual tokens together, kept by the question's attention in LLM layer "
+                       "LAYER (default 1).")
     @click.option("--positions", multiple=True, metavar="[NAME=]SPEC",
                   help="sequential | share | groups:K | rows (MouSi-style position sharing).")
     @click.option("--separator", default=None, help="none | member | TOKEN_ID between members' tokens.")
@@ -57,7 +60,8 @@ def register(group: click.Group) -> None:
                        "composite over white.")
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
-                 token_budget: tuple[str, ...], positions: tuple[str, ...], separator: str | None, sample: bool,
+                 token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
+                 separator: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
                  device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
@@ -83,7 +87,8 @@ def register(group: click.Group) -> None:
                               top_p=top_p, seed=seed, template=not raw_prompt,
                               inference={"token_budget": _member_specs(token_budget, "--token-budget"),
                                          "positions": _member_specs(positions, "--positions"),
-                                         "separator": _separator(separator)},
+                                         "separator": _separator(separator),
+                                         "max_visual_tokens": max_visual_tokens},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)

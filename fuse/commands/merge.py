@@ -19,7 +19,8 @@ from ..merge.options import MergeOptions
 def merge_cmd(recipe: str, out: str | None, options: MergeOptions) -> None:
     """Merge the members' LLMs (mergekit methods, streamed tensor by tensor) and keep every
     member's vision branch: writes OUT/llm, OUT/members/<name>, OUT/fuse_config.json.
-    Hub ids are downloaded (safetensors, configs, tokenizer files only) into the Hugging Face cache."""
+    Hub ids are downloaded (safetensors, configs, tokenizer files only) into the Hugging Face cache.
+    Before merging, checks that the members' visual tokens are aligned (a warning, not a refusal, when not)."""
     from ..cli_utils import startup_imports
     from ..recipe import load_recipe
 
@@ -44,10 +45,12 @@ def merge_cmd(recipe: str, out: str | None, options: MergeOptions) -> None:
 
 @click.command("check")
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@options_from_dataclass(MergeOptions, only=("allow_foreign", "offline", "cache_dir"),
+@options_from_dataclass(MergeOptions, only=("allow_foreign", "offline", "cache_dir", "align_check", "align_images",
+                                             "align_n"),
                         help={"allow_foreign": "Report far-away members as allowed instead of refused."})
 def check_cmd(recipe: str, options: MergeOptions) -> None:
-    """Family check of a recipe: table of member, format, vocab rows, distance to the base, verdict.
+    """Family check of a recipe: table of member, format, vocab rows, distance to the base, verdict;
+    then whether the members' visual tokens are aligned (relative to random-projector controls).
     Hub models not in the local cache are checked on configs, tokenizers and safetensors headers."""
     from ..cli_utils import startup_imports
     from ..recipe import load_recipe

@@ -1,4 +1,6 @@
-"""``fuse toyworld train-family`` and ``fuse toyworld compare`` (the shipped toy family, :mod:`fuse.toyfamily`)."""
+"""``fuse toyworld compare``: the shipped toy family (:mod:`fuse.toyfamily`) merged and evaluated on a test world.
+
+Re-training the family is ``train toy-family`` (``fuse`` never imports ``train``)."""
 
 from __future__ import annotations
 
@@ -20,34 +22,38 @@ def register(group: click.Group) -> None:
                   show_default=True, help="Work dir: test split, fused models, compare.json.")
     @click.option("--family", type=click.Path(file_okay=False), default=None,
                   help="Toy family dir (default: the one shipped in fuse/assets/toy_family).")
+    @click.option("--seed", type=int, default=None,
+                  help="Test on a fresh toy world of this seed (default: the family's own test split).")
     @click.option("--limit", type=click.IntRange(min=2), default=None,
                   help="Questions per part (vqa, pope, mmvp) [default: 160].")
     @click.option("--all", "all_questions", is_flag=True, help="Evaluate every test question (slower).")
     @click.option("--methods", default="task_arithmetic,ties,linear", show_default=True,
                   help="Comma-separated merge methods.")
-    @click.option("--budget", default="pool:2", show_default=True,
-                  help="Token budget of the extra task_arithmetic row ('none' to skip).")
+    @click.option("--budget", default="total:49", show_default=True,
+                  help="Token budget of the extra task_arithmetic row: total:N[@layer] (all members together, "
+                       "kept by the question's attention), a per-member spec (pool:2, topk:24) or 'none'.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")
     @click.option("--force", is_flag=True, help="Replace OUT if an earlier `compare` wrote it.")
-    def compare_cmd(out, family, limit, all_questions, methods, budget, batch_size, json_path, force):
+    def compare_cmd(out, family, seed, limit, all_questions, methods, budget, batch_size, json_path, force):
         """Merge the toy family (task_arithmetic, ties, linear), then evaluate each member alone, the fused
-        models, the fused model with a token budget, and the COMM model on the toy test split.
+        models, the fused model with a token budget, and the COMM model on a toy test split.
 
         Prints one row per model: per-skill VQA accuracy, overall VQA, POPE accuracy, MMVP pair
-        accuracy and samples/s; writes OUT/compare.json.
+        accuracy, their mean and samples/s, then the fused model's gain over the best member; writes
+        OUT/compare.json and OUT/compare.png (per-skill bars).
         """
         from ..errors import FuseError
         from ..eval.runner import write_results
-        from ..toyfamily import ASSETS, DEFAULT_LIMIT, compare
+        from ..toyfamily import ASSETS, DEFAULT_LIMIT, compare, format_summary
 
         fam = family or ASSETS
         from pathlib import Path
 
         if not (Path(fam) / "figures.json").is_file():
             raise FuseError(f"{fam}: not a toy family (no figures.json); train one with "
-                            "`fuse toyworld train-family --out DIR`")
+                            "`train toy-family -o DIR`")
         ms = [m.strip() for m in methods.split(",") if m.strip()]
         from ..merge import MERGE_METHODS
 
@@ -55,27 +61,22 @@ def register(group: click.Group) -> None:
         if bad or not ms:
             raise FuseError(f"--methods: {', '.join(bad) or '(empty)'} not among {', '.join(MERGE_METHODS)}")
         t0 = time.perf_counter()
-        doc = compare(out, family=fam, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
+        doc = compare(out, family=fam, seed=seed, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
                       budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,
                       force=force)
         if json_path:
             write_results(doc, json_path)
+        for line in format_summary(doc):
+            click.echo(line)
         n = "all" if all_questions else (limit or DEFAULT_LIMIT)
-        click.echo(f"{n} questions per part (vqa, pope, mmvp); wrote {Path(out) / 'compare.json'} "
-                   f"in {time.perf_counter() - t0:.1f} s")
+        split = "the family's test split" if doc["shipped_split"] else f"a fresh test world (seed {doc['test_seed']})"
+        click.echo(f"{n} questions per part (vqa, pope, mmvp) of {split}; wrote {Path(out) / 'compare.json'} and "
+                   f"{Path(out) / 'compare.png'} in {time.perf_counter() - t0:.1f} s")
 
-    @toyworld.command("train-family")
-    @click.option("-o", "--out", "out", type=click.Path(file_okay=False), required=True)
-    @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--keep-work", is_flag=True, help="Keep OUT/work (world, encoders, training runs).")
-    @click.option("--force", is_flag=True, help="Replace OUT if an earlier `train-family` wrote it.")
-    def train_family_cmd(out, seed, keep_work, force):
-        """Regenerate the toy family: world, base LM, colour + spatial members, COMM model, figures.json
-        (about 20-25 minutes on 2 CPU cores). OUT is written atomically (temp dir renamed at the end)."""
-        from ..toyfamily import train_family
+    @toyworld.command("train-family", hidden=True, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def train_family_cmd(args):
+        """Moved: the toy family is re-trained by `train toy-family -o DIR` (fuse never imports train)."""
+        from ..errors import FuseError
 
-        t0 = time.perf_counter()
-        figures = train_family(out, seed=seed, echo=click.echo, force=force, keep_work=keep_work)
-        click.echo(f"wrote {out} in {time.perf_counter() - t0:.0f} s")
-        for name, row in figures["eval"]["rows"].items():
-            click.echo(f"  {name:8s} vqa={row['vqa']:.3f} mmvp_pair={row['mmvp_pair']:.3f}")
+        raise FuseError("the toy family is trained by the `train` CLI: run `train toy-family -o DIR`")

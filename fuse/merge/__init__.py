@@ -24,7 +24,7 @@ _EXPORTS = {
     "MAX_DISTANCE": "family", "FamilyReport": "family", "check_family": "family",
     "MERGE_METHODS": "methods", "MergeError": "methods", "TensorMerger": "methods", "method_info": "methods",
     "MergePlan": "plan", "build_plan": "plan",
-    "MergeResult": "run", "check_recipe": "run", "open_family": "run", "run_merge": "run",
+    "MergeResult": "run", "check_alignment": "run", "check_recipe": "run", "open_family": "run", "run_merge": "run",
     "validate_recipe": "validate",
 }
 

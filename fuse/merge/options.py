@@ -39,6 +39,14 @@ class MergeOptions:
     cache_dir: str | None = field(default=None, metadata=flag(
         "--cache-dir", path="dir", help="Hugging Face cache for hub ids [default: HF_HUB_CACHE, else $HF_HOME/hub]."))
     progress: bool = field(default=True, metadata=flag("-q", "--quiet", off=True, help="No progress bars."))
+    align_check: bool = field(default=True, metadata=flag(
+        "--no-align-check", off=True,
+        help="Skip the visual-token alignment check (it builds and runs every member's vision branch)."))
+    align_images: str | None = field(default=None, metadata=flag(
+        "--align-images", path="dir",
+        help="Image directory for the alignment check [default: built-in synthetic probe images]."))
+    align_n: int = field(default=32, metadata=flag(
+        "--align-n", min=2, show_default=True, help="Images for the alignment check."))
     # Python API only:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES  # rows per merge call of element-wise methods, per input (compute dtype)
     workers: int | None = None  # threads merging row chunks at once [default: fuse.merge.pipeline.merge_workers()]

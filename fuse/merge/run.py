@@ -194,6 +194,7 @@ def run_merge(recipe: Recipe, out: str | Path | None = None, options: MergeOptio
 def _run_merge(recipe: Recipe, out: Path, options: MergeOptions, echo: Echo, sums: BackgroundChecksums | None,
                t0: float, models: Models) -> MergeResult:
     prep = open_family(recipe, options.allow_foreign, echo=echo, models=models)
+    verdict = check_alignment(recipe, options, echo, models) if options.align_check else None
     base, members = prep.base, prep.members
     inputs = [(m.field + ".model", m.path) for m in members] + ([("base_model", base.path)] if base else [])
     refuse_overlap(out, inputs)  # even with --force, and in a dry run
@@ -223,6 +224,8 @@ def _run_merge(recipe: Recipe, out: Path, options: MergeOptions, echo: Echo, sum
         save_vision_branches(recipe, members, tmp / MEMBERS_DIR, models)
         sources = sums.result() if sums else {}
         fcfg = fuse_config(recipe, base, members, plan, text_index, eos, sources)
+        if verdict is not None:
+            fcfg["alignment"] = verdict.to_dict()
         write_configs(tmp, fcfg)
         (tmp / MODEL_CARD).write_text(model_card(fcfg))
     seconds = time.perf_counter() - t0
@@ -241,8 +244,33 @@ def check_recipe(recipe: Recipe, options: MergeOptions | None = None, *, echo: E
     models = resolve_recipe(recipe, weights=False, offline=options.offline, cache_dir=options.cache_dir, echo=echo)
     prep = open_family(recipe, options.allow_foreign, echo=echo, raise_bad=False, models=models)
     prep.report.raise_if_bad(recipe.label, options.allow_foreign)
+    if options.align_check:
+        check_alignment(recipe, options, echo, models, merging=False)
     return prep.report
 
 
-__all__ = ["MergeResult", "OpenedFamily", "check_recipe", "merge_llm", "open_family", "run_merge",
+def check_alignment(recipe: Recipe, options: MergeOptions, echo: Echo, models: Models | None = None,
+                    merging: bool = True):
+    """Print the alignment verdict of the recipe's members (:mod:`fuse.alignment`, on ``options.align_n``
+    images of ``options.align_images`` or the built-in probe images); a ``warning:`` line when they are
+    not aligned. It warns, never refuses. None (with a note) when a member's weights are not on disk yet
+    (a hub model checked on its headers only)."""
+    from ..alignment import recipe_alignment
+
+    if models and not all(m.complete for m in models.values()):
+        echo("alignment: skipped (it runs the members' vision branches: their weights are not all on disk yet)")
+        return None
+
+    paths = {src: files.path for src, files in (models or {}).items()}
+    verdict = recipe_alignment(recipe, options.align_images, options.align_n, paths=paths)
+    for line in verdict.lines():
+        echo(line)
+    if not verdict.aligned:
+        echo("warning: the members' visual tokens are not aligned (their projectors do not write into one "
+             "shared LLM input space); a fused model is unlikely to beat its members. "
+             + ("Merging anyway." if merging else "`fuse merge` will warn, not refuse."))
+    return verdict
+
+
+__all__ = ["MergeResult", "OpenedFamily", "check_alignment", "check_recipe", "merge_llm", "open_family", "run_merge",
            "save_vision_branches"]

@@ -138,6 +138,36 @@ def record_attention(llm, layers: list[int], query_positions: torch.Tensor,
             h.remove()
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed layer has run."""
+
+
+@torch.no_grad()
+def last_position_attention(llm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                            position_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Attention probabilities of each sequence's last position over all positions in decoder layer
+    ``layer``, averaged over heads: ``[B, L]``. Layers after ``layer`` are not run (the forward stops
+    there), so the cost is ``layer + 1`` decoder layers over the sequence."""
+    blocks = decoder_layers(llm)
+    idx = llm_layer_indices(layer, len(blocks))[0]
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError("attention weights not returned: the LLM is not running eager attention")
+        store["w"] = weights[:, :, -1, :].float().mean(1)  # [B, L]
+        raise _StopForward
+
+    handle = blocks[idx].self_attn.register_forward_hook(hook)
+    try:
+        with eager_attention(llm):
+            llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return store["w"]
 def query_positions(query: Any, n: int, spans: dict[str, tuple[int, int]], n_answer: int) -> list[int]:
     """The attending positions of one sample of ``n`` prompt tokens (see ``capture_attention``'s ``query``);
     ``n_answer``: greedy answer tokens appended after the prompt."""

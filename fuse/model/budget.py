@@ -124,3 +124,19 @@ def expected_count(spec: BudgetSpec, n_tokens: int, grids: Sequence[tuple[str, i
     else:
         kept = sum(math.ceil(h / spec.stride) * math.ceil(w / spec.stride) for _, h, w in segs)
     return kept + n_tokens - covered
+
+
+def select_total(scores: Sequence[torch.Tensor], total: int) -> list[torch.Tensor]:
+    """Indices (ascending) to keep in each member's tokens so that ``total`` tokens are kept over all
+    members: the highest ``scores`` (one ``[N_m]`` tensor per member) win, ties to the earlier token."""
+    counts = [int(s.shape[0]) for s in scores]
+    if sum(counts) <= total:
+        return [torch.arange(n) for n in counts]
+    flat = torch.cat([s.float() for s in scores])
+    order = torch.argsort(-flat, stable=True)[:total]
+    out, off = [], 0
+    for n in counts:
+        mine = order[(order >= off) & (order < off + n)] - off
+        out.append(mine.sort().values)
+        off += n
+    return out

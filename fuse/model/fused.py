@@ -42,8 +42,8 @@ from ..images import load_image
 from ..members import TextSide, VisionBranch
 from ..names import NAME_RX, unique_names
 from .assembly import Assembled, assemble_inputs
-from .attention import AttentionCapture, capture, decoder_layers, llm_layer_indices
-from .budget import BudgetResult
+from .attention import AttentionCapture, capture, decoder_layers, last_position_attention, llm_layer_indices
+from .budget import BudgetResult, select_total
 from .config import FusedConfig
 from .encoding import encode_images
 from .generation import FiniteLogits, GenerationResult, check_generation, cut_at_eos, generation_config
@@ -297,9 +297,16 @@ class FusedModel(PreTrainedModel):
         t1 = time.perf_counter()
         separators = [self._separator_id(opts, j) for j in range(len(self.member_names))]
         visual = {n: enc.budgeted[n] for n in self.member_names}
-        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators)
+        parallel = opts.member_positions == "parallel"
+        assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, parallel=parallel)
+        t_select = 0.0
+        if opts.total is not None and any(sum(visual[n][i].count for n in visual) > opts.total.tokens
+                                          for i in range(len(prompts))):
+            t_sel = time.perf_counter()
+            assembled = self._keep_total(opts, visual, assembled, text_ids, separators)
+            t_select = time.perf_counter() - t_sel
         self._check_context(assembled, visual, text_ids, max_new_tokens)
-        t_asm = time.perf_counter() - t1 + t_text
+        t_asm = time.perf_counter() - t1 + t_text - t_select
         per_sample = range(len(prompts))
         return FusedInputs(
             assembled=assembled,
@@ -309,7 +316,29 @@ class FusedModel(PreTrainedModel):
             raw_grids=[{n: enc.raw_grids[n][i] for n in visual} for i in per_sample],
             kept=[{n: visual[n][i].kept for n in visual} for i in per_sample],
             text_ids=text_ids,
-            timings={"vision": enc.seconds, "assembly": t_asm})
+            timings={"vision": enc.seconds, "assembly": t_asm, "select": t_select})
+
+    def _keep_total(self, opts: InferenceOptions, visual: dict[str, list[BudgetResult]], assembled: Assembled,
+                    text_ids: list[tuple[list[int], list[int]]], separators: list[int | None]) -> Assembled:
+        """Apply ``opts.total``: score every visual token by the last prompt position's attention in
+        layer ``opts.total.layer`` of the full sequence, keep the best ``opts.total.tokens`` over all
+        members (:func:`~fuse.model.budget.select_total`), re-assemble. ``visual`` is updated in place
+        (kept tokens; ``kept``: indices into the member's original tokens; no grid)."""
+        attn = last_position_attention(self.llm, assembled.inputs_embeds, assembled.attention_mask,
+                                       assembled.position_ids, opts.total.layer)  # [B, L]
+        keeps = []
+        for i in range(len(text_ids)):
+            spans = assembled.spans[i]
+            scores = [attn[i, spans[n][0]:spans[n][1]] for n in self.member_names]
+            keeps.append(dict(zip(self.member_names, select_total(scores, opts.total.tokens))))
+        out = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, kept=keeps,
+                              parallel=opts.member_positions == "parallel")
+        for i, keep in enumerate(keeps):
+            for name, idx in keep.items():
+                res = visual[name][i]
+                base = res.kept if res.kept is not None else torch.arange(res.count)
+                visual[name][i] = BudgetResult(res.tokens[idx], None, base[idx])
+        return out
 
     def _separator_id(self, opts: InferenceOptions, j: int) -> int | None:
         """Token id to insert after member ``j`` (never after the last member)."""

@@ -10,6 +10,10 @@ a mapping ``member name -> spec``::
       token_budget: pool:2            # all | pool[:S] | pool:HxW | topk:K  (or {kind: topk, k: 64})
       positions: {slime: share}       # sequential | share | groups:K | rows
       separator: none                 # none | member | <token id>
+      max_visual_tokens: 49           # cap on all members' tokens together, kept by the question's attention
+                                      # (or {tokens: 49, layer: 1}: the LLM layer whose attention scores them)
+      member_positions: parallel      # sequential (each member's span after the previous one) | parallel
+                                      # (every member's span ends where the text after the image starts)
 
 Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
 small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
@@ -62,7 +66,8 @@ class PositionSpec:
         return f"groups:{self.groups}" if self.kind == "groups" else self.kind
 
 
-INFERENCE_KEYS = ("token_budget", "positions", "separator")
+INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions")
+MEMBER_POSITIONS = ("sequential", "parallel")  # how the members' spans are placed relative to each other
 BUDGET_KINDS = ("all", "pool", "topk")
 POSITION_KINDS = ("sequential", "share", "groups", "rows")
 
@@ -154,6 +159,50 @@ def _per_member(value: Any, names: Sequence[str], parse, field_name: str, defaul
     return {n: parse(value.get(n, default), f"{field_name}.{n}") for n in names}
 
 
+@dataclass(frozen=True)
+class TotalBudget:
+    """A cap on the visual tokens of all members together (after each member's own budget).
+
+    The ``tokens`` kept are those the last prompt position attends to most in LLM layer ``layer``
+    (0-based; mean over heads), across members: a question about colour keeps the tokens that carry
+    colour, whichever member wrote them (text-guided selection in the spirit of FastV, Chen et al.
+    2024, "An Image is Worth 1/2 Tokens After Layer 2"). Kept tokens keep their position ids.
+    """
+
+    tokens: int
+    layer: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.tokens}@layer{self.layer}"
+
+
+def parse_total(spec: Any, field_name: str = "inference.max_visual_tokens") -> TotalBudget | None:
+    """``None``, an int, ``"49"``, ``"49@1"`` or ``{tokens: 49, layer: 1}`` -> TotalBudget | None."""
+    if spec is None or isinstance(spec, TotalBudget):
+        return spec
+    if isinstance(spec, Mapping):
+        extra = set(spec) - {"tokens", "layer"}
+        if extra or "tokens" not in spec:
+            raise RecipeError(f"{field_name}: expected keys tokens (and layer), got {sorted(spec)}")
+        return TotalBudget(_int(spec["tokens"], f"{field_name}.tokens"),
+                           _int(spec.get("layer", 1), f"{field_name}.layer", minimum=0))
+    tokens, _, layer = str(spec).strip().partition("@")
+    return TotalBudget(_int(tokens, field_name), _int(layer, field_name, minimum=0) if layer else 1)
+
+
+def parse_member_positions(spec: Any, separator: Any = "none",
+                           field_name: str = "inference.member_positions") -> str:
+    """``None`` (sequential), ``"sequential"`` or ``"parallel"``. Parallel spans have no room for separator
+    tokens between members, so the two are refused together."""
+    value = "sequential" if spec is None else spec
+    if value not in MEMBER_POSITIONS:
+        raise RecipeError(f"{field_name}: expected one of {', '.join(MEMBER_POSITIONS)}, got {spec!r}")
+    if value == "parallel" and separator not in (None, "none"):
+        raise RecipeError(f"{field_name}: 'parallel' places the members' spans side by side; it cannot be combined "
+                          f"with a separator (got separator {separator!r})")
+    return value
+
+
 def _known_keys(section: Mapping[str, Any] | None) -> dict[str, Any]:
     section = dict(section or {})
     unknown = sorted(set(section) - set(INFERENCE_KEYS))
@@ -164,11 +213,13 @@ def _known_keys(section: Mapping[str, Any] | None) -> dict[str, Any]:
 
 @dataclass
 class InferenceOptions:
-    """Resolved per-member options (member name -> spec) plus the separator policy."""
+    """Resolved per-member options (member name -> spec), the separator policy and the total cap."""
 
     budget: dict[str, BudgetSpec] = field(default_factory=dict)
     positions: dict[str, PositionSpec] = field(default_factory=dict)
     separator: str | int = "none"  # "none" | "member" | token id inserted between members
+    total: TotalBudget | None = None
+    member_positions: str = "sequential"  # one of MEMBER_POSITIONS (fuse.model.assembly.sample_positions)
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
@@ -182,14 +233,19 @@ class InferenceOptions:
         return cls(budget=_per_member(section.get("token_budget"), names, parse_budget, "inference.token_budget", "all"),
                    positions=_per_member(section.get("positions"), names, parse_positions, "inference.positions",
                                          "sequential"),
-                   separator=sep)
+                   separator=sep, total=parse_total(section.get("max_visual_tokens")),
+                   member_positions=parse_member_positions(section.get("member_positions"), sep))
 
     def override(self, names: Sequence[str], overrides: Mapping[str, Any] | None = None) -> "InferenceOptions":
         """A copy with what ``overrides`` gives replaced: the keys and values of an ``inference`` section
-        (``token_budget``, ``positions``, ``separator``; a ``{member: spec}`` mapping replaces those members
+        (``token_budget``, ``positions``, ``separator``, ``max_visual_tokens``, ``member_positions``; a
+        ``{member: spec}`` mapping replaces those members
         only; None keeps the current value)."""
         overrides = _known_keys(overrides)
-        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator)
+        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total,
+                               self.member_positions)
+        if overrides.get("max_visual_tokens") is not None:
+            out.total = parse_total(overrides["max_visual_tokens"], "max_visual_tokens")
         if overrides.get("token_budget") is not None:
             out.budget.update(_per_member(overrides["token_budget"], names, parse_budget, "token_budget", "all"))
         if overrides.get("positions") is not None:
@@ -197,11 +253,15 @@ class InferenceOptions:
                                              "sequential"))
         if overrides.get("separator") is not None:
             out.separator = InferenceOptions.parse({"separator": overrides["separator"]}, names).separator
+        if overrides.get("member_positions") is not None or overrides.get("separator") is not None:
+            out.member_positions = parse_member_positions(overrides.get("member_positions") or self.member_positions,
+                                                          out.separator, "member_positions")
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
-                "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator}
+                "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
+                "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions}
 
 
 def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:

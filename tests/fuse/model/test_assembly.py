@@ -161,3 +161,54 @@ def test_text_aware_branch_gets_prompt_text_embeddings(two):
     E = fused.llm.get_input_embeddings().weight
     assert len(probe.seen) == 1 and torch.equal(probe.seen[0], E[ids])
     assert inputs.tokens == [{"probe": 3}]
+
+
+def test_parallel_member_positions(two):
+    """member_positions: parallel -- both members' spans end where the text after the image starts, so the
+    text after the image has the position ids it has with one member; the sequence (and its order) is unchanged.
+    Checked against the LLM run on the same embeddings with hand-built position ids."""
+    out, ma, mb, fused = two
+    img = random_image(12, (52, 52))
+    seq = fused.prepare([img], [PROMPTS[0]])
+    par = fused.prepare([img], [PROMPTS[0]], inference={"member_positions": "parallel"})
+    assert torch.equal(par.inputs_embeds, seq.inputs_embeds) and par.spans == seq.spans
+    n0 = seq.spans[0]["text_before"][1]
+    n_after = seq.spans[0]["text_after"][1] - seq.spans[0]["text_after"][0]
+    # hand-built: text before 0..n0-1; each 16-token member n0..n0+15; text after from n0+16
+    expected = list(range(n0)) + list(range(n0, n0 + 16)) * 2 + list(range(n0 + 16, n0 + 16 + n_after))
+    assert par.position_ids[0].tolist() == expected
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(str(out / "llm")).eval()
+    with torch.no_grad():
+        ref = llm(inputs_embeds=seq.inputs_embeds, position_ids=torch.tensor([expected])).logits
+        assert (fused(inputs=par).logits - ref).abs().max().item() < 1e-5
+    # generation continues after the last used position, with the same answer as batch-of-one
+    a = fused.generate([img, img], [PROMPTS[0], PROMPTS[2]], max_new_tokens=4,
+                       inference={"member_positions": "parallel"}, return_details=True)
+    b = fused.generate([img], [PROMPTS[0]], max_new_tokens=4, inference={"member_positions": "parallel"},
+                       return_details=True)
+    assert a.token_ids[0] == b.token_ids[0]
+
+
+def test_parallel_member_positions_right_align_unequal_spans(two):
+    """With a pool:2 budget on one member (4 tokens vs 16), the short span is right-aligned."""
+    ma, mb, fused = two[1], two[2], two[3]
+    img = random_image(13, (52, 52))
+    par = fused.prepare([img], [PROMPTS[0]], inference={"member_positions": "parallel",
+                                                        "token_budget": {mb.name: "pool:2"}})
+    s = par.spans[0]
+    n0 = s["text_before"][1]
+    pos = par.position_ids[0].tolist()
+    assert pos[slice(*s[ma.name])] == list(range(n0, n0 + 16))
+    assert pos[slice(*s[mb.name])][-1] == n0 + 15 and len(pos[slice(*s[mb.name])]) == 4
+    assert pos[s["text_after"][0]] == n0 + 16
+
+
+@pytest.mark.parametrize("inference, match", [({"member_positions": "diagonal"}, "sequential, parallel"),
+                                              ({"member_positions": "parallel", "separator": 7}, "separator")])
+def test_parallel_member_positions_bad_values(two, inference, match):
+    from fuse.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=match):
+        two[3].prepare([random_image(1)], [PROMPTS[0]], inference=inference)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fuse.errors import FuseError, RecipeError
 from fuse.model import FusedModel
-from fuse.model.budget import apply_budget, expected_count
+from fuse.model.budget import apply_budget, expected_count, select_total
 from fuse.model.options import InferenceOptions, parse_budget, parse_positions
 from fuse.model.positions import span_offsets
 from fuse.testing import build_llava_member, random_image
@@ -164,3 +164,55 @@ def test_position_sharing_ids_and_generation(fused):
         l_plain = fused(images=[img], prompts=prompts[:1], inference={"token_budget": "all"}).logits
     assert (l_shared[0, -1] - l_plain[0, -1]).abs().max() > 1e-4  # positions really reach the LLM
     assert plain.token_ids  # sanity
+
+
+def test_select_total_keeps_the_best_scores_across_members():
+    a, b = torch.tensor([0.1, 0.9, 0.3, 0.5]), torch.tensor([0.8, 0.2, 0.7])
+    keep = select_total([a, b], 4)
+    assert [k.tolist() for k in keep] == [[1, 3], [0, 2]]  # 0.9, 0.8, 0.7, 0.5
+    assert [k.tolist() for k in select_total([a, b], 10)] == [[0, 1, 2, 3], [0, 1, 2]]
+    assert [k.tolist() for k in select_total([torch.ones(3), torch.ones(2)], 2)] == [[0, 1], []]  # ties: earlier
+
+
+@pytest.mark.parametrize("spec,tokens,layer", [(24, 24, 1), ("24", 24, 1), ("24@0", 24, 0),
+                                               ({"tokens": 8, "layer": 2}, 8, 2)])
+def test_parse_total(spec, tokens, layer):
+    t = InferenceOptions.parse({"max_visual_tokens": spec}, ["a"]).total
+    assert (t.tokens, t.layer) == (tokens, layer)
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "8@-1", {"layer": 1}, {"tokens": 4, "bogus": 1}])
+def test_bad_total_names_the_field(bad):
+    with pytest.raises(RecipeError, match="max_visual_tokens"):
+        InferenceOptions.parse({"max_visual_tokens": bad}, ["a"])
+
+
+def test_total_budget_keeps_the_most_attended_tokens_at_their_positions(fused):
+    """The kept tokens are the top-N by the last prompt position's attention in the chosen layer, computed
+    independently here with capture_attention (eager attention hooks on the full sequence)."""
+    a, b = fused.member_names
+    imgs = [random_image(9, (64, 64)), random_image(10, (64, 64))]
+    prompts = ["<image>\nWhat colour is the circle?", "<image>\nhow many?"]
+    full = fused.prepare(imgs, prompts, inference={"token_budget": "all"})
+    cap = fused.capture_attention(imgs, prompts, layers=[1], query="last", inference={"token_budget": "all"})
+    cut = fused.prepare(imgs, prompts, inference={"token_budget": "all", "max_visual_tokens": "12@1"})
+    for i in range(2):
+        assert sum(cut.tokens[i].values()) == 12 and cut.raw_tokens[i] == {a: 16, b: 16}
+        w = cap.samples[i].weights[1]
+        scores = torch.cat([w[a].mean(dim=(0, 1)), w[b].mean(dim=(0, 1))])
+        best = set(torch.argsort(-scores, stable=True)[:12].tolist())
+        kept = set(cut.kept[i][a].tolist()) | {16 + k for k in cut.kept[i][b].tolist()}
+        assert kept == best
+        for m in (a, b):  # kept tokens are the member's own tokens, at their original position ids
+            fs, pad_f = full.spans[i][m][0], full.assembled.pad[i]
+            cs, ce = cut.spans[i][m]
+            idx = cut.kept[i][m]
+            assert torch.equal(cut.inputs_embeds[i, cs:ce], full.inputs_embeds[i, fs + idx])
+            assert torch.equal(cut.position_ids[i, cs:ce], full.position_ids[i, fs + idx])
+        # the text after the image keeps its positions too
+        assert torch.equal(cut.position_ids[i, slice(*cut.spans[i]["text_after"])],
+                           full.position_ids[i, slice(*full.spans[i]["text_after"])])
+    res = fused.generate(imgs, prompts, max_new_tokens=3, inference={"token_budget": "all", "max_visual_tokens": 12},
+                         return_details=True)
+    assert [sum(t.values()) for t in res.tokens] == [12, 12] and "select" in res.timings
+    assert fused.prepare(imgs, prompts, inference={"token_budget": "all", "max_visual_tokens": 40}).tokens == [{a: 16, b: 16}] * 2
