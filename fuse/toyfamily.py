@@ -90,8 +90,6 @@ def family_recipe(family: str | os.PathLike = ASSETS, method: str = "task_arithm
 def write_test_split(directory: str | os.PathLike, seed: int = 0) -> Path:
     """The toy world's test split exactly as :func:`fuse.toyworld.generate` writes it (same exclusions),
     without writing the training split. Returns the split dir."""
-    import hashlib
-
     from .output_dir import atomic_output_dir
     from .toyworld import build_split, write_split
 
