@@ -48,6 +48,9 @@ def register(group: click.Group) -> None:
     @click.option("--positions", multiple=True, metavar="[NAME=]SPEC",
                   help="sequential | share | groups:K | rows (MouSi-style position sharing).")
     @click.option("--separator", default=None, help="none | member | TOKEN_ID between members' tokens.")
+    @click.option("--member-positions", type=click.Choice(["sequential", "parallel"]), default=None,
+                  help="parallel: every member's span ends where the text after the image starts (default: the "
+                       "model's inference settings).")
     @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
     @click.option("--temperature", default=1.0, show_default=True, type=float)
     @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -61,7 +64,7 @@ def register(group: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
-                 separator: str | None, sample: bool,
+                 separator: str | None, member_positions: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
                  device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
@@ -88,7 +91,8 @@ def register(group: click.Group) -> None:
                               inference={"token_budget": _member_specs(token_budget, "--token-budget"),
                                          "positions": _member_specs(positions, "--positions"),
                                          "separator": _separator(separator),
-                                         "max_visual_tokens": max_visual_tokens},
+                                         "max_visual_tokens": max_visual_tokens,
+                                         "member_positions": member_positions},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)

@@ -88,6 +88,11 @@ def test_cli_generate_text_and_json(out, tmp_path, run_fuse):
                                          inference={"token_budget": "pool:2"})[0]
     assert set(data["timings"]) >= {"load", "vision", "assembly", "generate", "total"}
     assert set(data["timings"]["vision"]) == set(names)
+    r = run_fuse("generate", out, "--image", img, "--prompt", "<image>\nWhat colour?", "--max-new-tokens", "6",
+                 "--json", "--member-positions", "parallel")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["answer"] == fm.generate(
+        [str(img)], ["<image>\nWhat colour?"], max_new_tokens=6, inference={"member_positions": "parallel"})[0]
     r = run_fuse("generate", out, "--image", img, "--prompt", "What colour?", "--max-new-tokens", "3")
     assert r.exit_code == 0 and "warning: prompt has no <image>" in r.output
 
