@@ -23,7 +23,7 @@ Steps, in order:
    fusion ``clip`` (LLaVA-1.5: layer -2, ``mlp2x_gelu`` projector), frozen randomly initialised
    tiny encoders (:data:`ENCODERS`):
 
-   - ``colour``: CLIP at 28 px, patch 7 (4x4 grid, 16 tokens), RGB: sees hue and which half, not outlines;
+   - ``colour``: CLIP at 28 px, patch 4 (7x7 grid, 49 tokens), RGB: sees hue and which half, not outlines;
    - ``spatial``: CLIP at 84 px, patch 12 (7x7 grid, 49 tokens) whose patch embedding is the same for R, G
      and B (and whose processor uses one mean/std): it sees R+G+B only, so it is colour-blind by
      construction (every toy colour has the same channel sum) and sharp on count and position;
@@ -61,7 +61,7 @@ _DARK = {"image_mean": [0.08, 0.08, 0.08], "image_std": [0.3, 0.3, 0.3]}
 # encoders: role -> (CLIP/DINOv2 config, processor overrides, channel tying)
 ENCODERS: dict[str, dict[str, Any]] = {
     "colour": {"kind": "clip", "config": dict(_CLIP_COMMON, hidden_size=96, intermediate_size=96, image_size=28,
-                                              patch_size=7, projection_dim=96, num_hidden_layers=1),
+                                              patch_size=4, projection_dim=96, num_hidden_layers=1),
                "processor": _DARK, "tie_channels": False},
     "spatial": {"kind": "clip", "config": dict(_CLIP_COMMON, hidden_size=144, intermediate_size=144, image_size=84,
                                                patch_size=12, projection_dim=144, num_hidden_layers=1),
