@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from fuse.toyfamily import ASSETS, MEMBERS
-from train.toyfamily import (DESCRIPTION_KEEP, STAGE1, STAGE2, base_corpus, scene_description, text_only_records,
-                             train_family, weight_digests)
+from train.toyfamily import (BASE_TRAIN, COMM_TRAIN, DESCRIPTION_KEEP, ENCODERS, LLM_CONFIG, STAGE1, STAGE2,
+                             base_corpus, scene_description, text_only_records, train_family, weight_digests)
 
 SCENE = {"colour": "red", "shape": "triangle", "count": 2, "side": "left", "orientation": "up"}
 
@@ -47,6 +47,24 @@ def test_base_corpus_has_no_image_and_describes_every_conversation():
 
 def test_member_recipe_is_two_stage():
     assert STAGE1["lr"] > STAGE2["lr"] and STAGE1["max_steps"] > STAGE2["max_steps"]
+
+
+def test_shipped_family_was_trained_with_these_settings():
+    """The slow bit-for-bit test takes 20+ minutes; this catches a drift between the code and the shipped
+    family in milliseconds (the colour member's patch size once did: 7 in the code, 4 in the weights)."""
+    figs = json.loads((ASSETS / "figures.json").read_text())
+    assert figs["schedules"] == {"base": BASE_TRAIN, "stage1": STAGE1, "stage2": STAGE2, "comm": COMM_TRAIN}
+    assert figs["llm_config"] == LLM_CONFIG and figs["description_keep"] == DESCRIPTION_KEEP
+    roles = {"colour": {"clip": "colour"}, "spatial": {"clip": "spatial"},
+             "comm": {"clip": "comm_clip", "dinov2": "comm_dinov2"}}
+    for member, encoders in roles.items():
+        cfg = json.loads((ASSETS / member / "config.json").read_text())
+        for key, role in encoders.items():
+            stored = cfg["encoders"][key]["spec"]["config"]
+            for field, value in ENCODERS[role]["config"].items():
+                assert stored[field] == value, (member, key, field)
+            for field, value in ENCODERS[role]["processor"].items():
+                assert cfg["encoders"][key]["spec"]["processor"][field] == value, (member, key, field)
 
 
 def test_miniature_run_end_to_end(tmp_path):
