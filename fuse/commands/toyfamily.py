@@ -25,8 +25,8 @@ def register(group: click.Group) -> None:
     @click.option("--seed", type=int, default=None,
                   help="Test on a fresh toy world of this seed (default: the family's own test split).")
     @click.option("--limit", type=click.IntRange(min=2), default=None,
-                  help="Questions per part (vqa, pope, mmvp) [default: 160].")
-    @click.option("--all", "all_questions", is_flag=True, help="Evaluate every test question (slower).")
+                  help="Evaluate only the first N questions per part (vqa, pope, mmvp) [default: all].")
+    @click.option("--all", "all_questions", is_flag=True, help="Evaluate every test question (the default).")
     @click.option("--methods", default="task_arithmetic,ties,linear", show_default=True,
                   help="Comma-separated merge methods.")
     @click.option("--budget", default="total:49", show_default=True,
@@ -68,7 +68,7 @@ def register(group: click.Group) -> None:
             write_results(doc, json_path)
         for line in format_summary(doc):
             click.echo(line)
-        n = "all" if all_questions else (limit or DEFAULT_LIMIT)
+        n = doc["limit_per_part"] or "all"
         split = "the family's test split" if doc["shipped_split"] else f"a fresh test world (seed {doc['test_seed']})"
         click.echo(f"{n} questions per part (vqa, pope, mmvp) of {split}; wrote {Path(out) / 'compare.json'} and "
                    f"{Path(out) / 'compare.png'} in {time.perf_counter() - t0:.1f} s")

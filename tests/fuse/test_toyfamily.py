@@ -139,7 +139,9 @@ def test_compare_command_slice(tmp_path):
     best = max(MEMBERS, key=lambda n: doc["rows"][n]["mean"])
     assert sm["best_member"] == best
     assert sm["gain"] == pytest.approx(doc["rows"]["fused:task_arithmetic"]["mean"] - doc["rows"][best]["mean"])
-    assert "gain" in res.output
+    ci = sm["gain_interval"]
+    assert ci["low"] - 1e-9 <= sm["gain"] <= ci["high"] + 1e-9 and ci["level"] == 0.95
+    assert "gain" in res.output and "95% interval" in res.output
     with Image.open(out / "compare.png") as im:
         assert im.size[0] > 400 and im.size[1] > 200
     cfg = json.loads((out / f"fused-task_arithmetic_{BUDGET.replace(':', '')}" / "fuse_config.json").read_text())
@@ -175,6 +177,27 @@ def test_compare_rejects_unknown_method(tmp_path):
     res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--methods", "bogus"])
     assert res.exit_code == 2 and "bogus" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_score_units_reproduce_the_table_figures(test_split):
+    """The per-unit scores the gain interval is drawn from average to the very figures of the table row."""
+    from fuse.eval import EvalConfig, evaluate
+    from fuse.eval.loader import load_for_eval
+    from fuse.toyfamily import score_units, summarize
+
+    m = load_for_eval(ASSETS / "colour", dtype=torch.float32)
+    res = evaluate(m, "toy", test_split, EvalConfig(limit=CHECK_LIMIT, log_samples=True, **EVAL), progress=False)
+    row, units = summarize(res), score_units(res)
+    assert sum(units["vqa"]) / len(units["vqa"]) == pytest.approx(row["vqa"])
+    assert sum(units["pope"]) / len(units["pope"]) == pytest.approx(row["pope_acc"])
+    assert len(units["mmvp"]) == res["metrics"]["mmvp"]["n_pairs"]
+    assert sum(units["mmvp"]) / len(units["mmvp"]) == pytest.approx(row["mmvp_pair"])
+
+
+def test_compare_evaluates_every_question_by_default():
+    from fuse.toyfamily import DEFAULT_LIMIT
+
+    assert DEFAULT_LIMIT is None
 
 
 @pytest.mark.parametrize("name", ["colour", "spatial", "comm"])

@@ -128,3 +128,35 @@ def test_options_and_choice_matching():
     assert match_option("a circle", ["square", "circle"]) == 1  # the article is not read as option A
     assert match_option("it is dark red", ["dark red", "red"]) == 0  # the longer option wins
     assert match_option("red", ["dark red", "red"]) == 1
+
+
+def test_paired_bootstrap_interval_against_the_normal_approximation():
+    """A constant difference has a zero-width interval; on many Bernoulli units the interval matches the
+    normal approximation mean(d) +- 1.96 * sd(d) / sqrt(n) (averaged over parts), and pairing matters."""
+    import numpy as np
+
+    from fuse.eval.metrics import paired_bootstrap_interval
+
+    same = {"x": [1.0, 0.0, 1.0], "y": [0.0, 1.0]}
+    assert paired_bootstrap_interval(same, same) == (0.0, 0.0)
+    plus = {"x": [v + 0.25 for v in same["x"]], "y": [v + 0.25 for v in same["y"]]}
+    lo, hi = paired_bootstrap_interval(plus, same)
+    assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+    rng = np.random.default_rng(1)
+    n = 3000
+    b = {p: rng.integers(0, 2, n).astype(float) for p in ("vqa", "pope")}
+    flip = {p: rng.random(n) < 0.2 for p in b}  # a differs from b on 20% of the units
+    a = {p: np.where(flip[p], 1 - b[p], b[p]) for p in b}
+    d = {p: a[p] - b[p] for p in b}
+    centre = float(np.mean([d[p].mean() for p in b]))
+    se = float(np.sqrt(sum(d[p].var(ddof=1) / n for p in b)) / len(b))
+    lo, hi = paired_bootstrap_interval({p: list(v) for p, v in a.items()}, {p: list(v) for p, v in b.items()},
+                                       n_resamples=4000)
+    assert lo == pytest.approx(centre - 1.96 * se, abs=0.25 * se)
+    assert hi == pytest.approx(centre + 1.96 * se, abs=0.25 * se)
+    # unpaired, the same two models would look far less certain: pairing is what makes the interval tight
+    se_unpaired = float(np.sqrt(sum((a[p].var(ddof=1) + b[p].var(ddof=1)) / n for p in b)) / len(b))
+    assert hi - lo < 0.75 * 2 * 1.96 * se_unpaired
+    with pytest.raises(ValueError):
+        paired_bootstrap_interval({"x": [1.0]}, {"x": [1.0, 0.0]})
