@@ -77,15 +77,13 @@ def score_units(results: dict[str, Any]) -> dict[str, list[float]]:
     """Per-unit scores of a toy-task result logged with samples, in sample order, for the three parts of
     ``mean``: VQA exact match per question, POPE correctness per question, MMVP pair correctness per
     complete pair (both questions right)."""
-    from .eval.metrics import pair_id
+    from .eval.metrics import mmvp_pairs
 
     recs = results["samples"]
-    pairs: dict[int, list[bool]] = {}
-    for r in recs["mmvp"]:
-        pairs.setdefault(pair_id(r["target"]["index"]), []).append(bool(r["correct"]))
+    pairs, _ = mmvp_pairs([r["target"]["index"] for r in recs["mmvp"]], [r["correct"] for r in recs["mmvp"]])
     return {"vqa": [float(r["exact_match"]) for r in recs["vqa"]],
             "pope": [float(bool(r["correct"])) for r in recs["pope"]],
-            "mmvp": [float(all(v)) for _, v in sorted(pairs.items()) if len(v) == 2]}
+            "mmvp": [float(v) for v in pairs]}
 
 
 def family_recipe(family: str | os.PathLike = ASSETS, method: str = "task_arithmetic", out: str | os.PathLike = "fused",

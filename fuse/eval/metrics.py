@@ -29,24 +29,31 @@ def pair_id(index: int) -> int:
     return (int(index) - 1) // 2
 
 
+def mmvp_pairs(indices: Sequence[int], correct: Sequence[bool]) -> tuple[list[bool], int]:
+    """(one outcome per complete pair, in order of first appearance: both questions right; number of
+    incomplete pairs). ``indices`` are the 1-based MMVP question indices."""
+    if len(indices) != len(correct):
+        raise ValueError("indices and correct differ in length")
+    pairs: dict[int, list[bool]] = defaultdict(list)
+    for i, c in zip(indices, correct):
+        pairs[pair_id(i)].append(bool(c))
+    complete = [all(v) for v in pairs.values() if len(v) == 2]
+    return complete, len(pairs) - len(complete)
+
+
 def mmvp_scores(indices: Sequence[int], correct: Sequence[bool]) -> dict:
     """Accuracy over questions and over complete pairs (both right).
 
     ``indices`` are the 1-based MMVP question indices; an incomplete pair (e.g.
     after ``--limit``) is left out of the pair accuracy and counted in ``incomplete_pairs``.
     """
-    if len(indices) != len(correct):
-        raise ValueError("indices and correct differ in length")
-    pairs: dict[int, list[bool]] = defaultdict(list)
-    for i, c in zip(indices, correct):
-        pairs[pair_id(i)].append(bool(c))
-    complete = [v for v in pairs.values() if len(v) == 2]
+    complete, incomplete = mmvp_pairs(indices, correct)
     return {
         "accuracy": _mean([float(c) for c in correct]),
-        "pair_accuracy": _mean([float(all(v)) for v in complete]),
+        "pair_accuracy": _mean([float(v) for v in complete]),
         "n": len(correct),
         "n_pairs": len(complete),
-        "incomplete_pairs": sum(1 for v in pairs.values() if len(v) != 2),
+        "incomplete_pairs": incomplete,
     }
 
 
