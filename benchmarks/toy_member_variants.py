@@ -61,8 +61,9 @@ VARIANTS: dict[str, Variant] = {
 ENCODER_SEED_OF_NEW_ROLE = 4  # train.toyfamily seeds encoders seed * 1000 + index; 0..3 are taken
 
 
-def train_variant(name: str, out: Path, world: Path) -> tuple[str, Path]:
-    """Train ``name``'s member from the shipped base into ``out/members/<name>``; returns (name, dir)."""
+def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
+    """Train ``name``'s member from the shipped base into ``out/members/<name>``; returns (its dir, the
+    per-stage records), the job contract of ``train.toyfamily._run_jobs``."""
     import train.toyfamily as tf
     from fuse.toyfamily import ASSETS
     from fuse.toyworld import select_skills
@@ -75,40 +76,16 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[str, Path]:
     spec["config"].update(v.encoder)
     if v.tie_channels is not None:
         spec["tie_channels"] = v.tie_channels
-    tf.ENCODERS[v.role] = spec
     index = list(tf.ENCODERS).index(v.role) if v.replaces else ENCODER_SEED_OF_NEW_ROLE
-    enc = tf.build_encoder_dir(work / "encoder", v.role, index)  # family seed 0: seed * 1000 + index
+    enc = tf.build_encoder_dir(work / "encoder", v.role, index, spec)  # family seed 0: seed * 1000 + index
     data = world / "train" / "llava.json"
     if v.skills is not None:
         sub = work / "train.json"
         sub.write_text(json.dumps(select_skills(json.loads(data.read_text()), v.skills)))
         data = sub
-    _, final, stages, _ = tf._run_job((v.role, tf.train_member, (v.role, ASSETS / "base", {"clip": tf._enc_entry(enc)},
-                                                                  data, world / "train", work, 0, 1.0)))
-    dest = out / "members" / name
-    tf._finalise_member(final, dest, stages)
-    return name, dest
-
-
-def _train_one(args: tuple[str, str, str]) -> tuple[str, Path, float]:
-    import torch
-
-    torch.set_num_threads(1)  # the bits then depend on the seed only, as in `train toy-family`
-    t0 = time.perf_counter()
-    name, dest = train_variant(args[0], Path(args[1]), Path(args[2]))
-    return name, dest, time.perf_counter() - t0
-
-
-def evaluate_dir(path: Path, test: Path, label: str) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    import torch
-
-    from fuse.eval import EvalConfig, evaluate
-    from fuse.eval.loader import load_for_eval
-    from fuse.toyfamily import EVAL, score_units, summarize
-
-    cfg = EvalConfig(batch_size=EVAL["batch_size"], max_new_tokens=EVAL["max_new_tokens"], log_samples=True)
-    res = evaluate(load_for_eval(path, dtype=torch.float32), "toy", test, cfg, model_name=label, progress=False)
-    return summarize(res), score_units(res)
+    final, stages = tf.train_member(v.role, ASSETS / "base", {"clip": tf._enc_entry(enc)}, data, world / "train",
+                                    work, 0, 1.0)
+    return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
 def fused_dir(members: dict[str, Path], out: Path) -> Path:
@@ -140,10 +117,10 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
 
-    from fuse.eval.metrics import paired_bootstrap_interval
-    from fuse.toyfamily import ASSETS, BOOTSTRAP, MEMBERS, SKILL_COLUMNS, WORLD, format_header, format_row, \
+    from fuse.toyfamily import ASSETS, MEMBERS, WORLD, evaluate_model, format_header, format_row, summary, \
         write_test_split
     from fuse.toyworld import generate
+    from train.toyfamily import _run_jobs
 
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -155,28 +132,17 @@ def main() -> None:
         write_test_split(test, args.seed)
 
     t0 = time.perf_counter()
-    jobs = [(n, str(out), str(world)) for n in names]
     trained: dict[str, Path] = {}
-    if args.jobs > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            for name, dest, secs in pool.map(_train_one, jobs):
-                trained[name] = dest
-                print(f"trained {name} in {secs:.0f} s", flush=True)
-    else:
-        for job in jobs:
-            name, dest, secs = _train_one(job)
-            trained[name] = dest
-            print(f"trained {name} in {secs:.0f} s", flush=True)
+    for name, dest, _, secs in _run_jobs([(n, train_variant, (n, out, world)) for n in names], args.jobs):
+        trained[name] = dest  # one torch thread per job: the bits depend on the seed only
+        print(f"trained {name} in {secs:.0f} s", flush=True)
     train_s = time.perf_counter() - t0
 
     rows: dict[str, dict[str, Any]] = {}
     units: dict[str, dict[str, list[float]]] = {}
     print(format_header())
     for m in MEMBERS:
-        rows[m], units[m] = evaluate_dir(ASSETS / m, test, m)
+        rows[m], units[m] = evaluate_model(ASSETS / m, test, m)
         print(format_row(m, rows[m]), flush=True)
     report: dict[str, Any] = {"validation_seed": args.seed, "train_seconds": round(train_s, 1), "variants": {}}
     for name in names:
@@ -184,24 +150,21 @@ def main() -> None:
         members = {m: ASSETS / m for m in MEMBERS if m != v.replaces}
         members[v.role] = trained[name]
         members = {k: members[k] for k in sorted(members, key=lambda k: (k != "colour", k))}  # colour first
-        rows[name], units[name] = evaluate_dir(trained[name], test, name)
         fused_label = f"fused[{name}]"
-        rows[fused_label], units[fused_label] = evaluate_dir(fused_dir(members, out / "fused" / name), test,
-                                                             fused_label)
-        print(format_row(name, rows[name]))
-        print(format_row(fused_label, rows[fused_label]), flush=True)
+        for label, path in ((name, trained[name]), (fused_label, fused_dir(members, out / "fused" / name))):
+            rows[label], units[label] = evaluate_model(path, test, label)
+            print(format_row(label, rows[label]), flush=True)
         labels = [name if k == v.role else k for k in members]
-        best = max(labels, key=lambda k: rows[k]["mean"])
-        gain = rows[fused_label]["mean"] - rows[best]["mean"]
-        lo, hi = paired_bootstrap_interval(units[fused_label], units[best], **BOOTSTRAP)
-        ratios = {s: (rows[fused_label][s] / max(rows[k][s] for k in labels)
-                      if max(rows[k][s] for k in labels) else None) for s in SKILL_COLUMNS}
-        report["variants"][name] = {"why": v.why, "members": labels, "best_member": best, "gain": gain,
-                                    "gain_interval": [lo, hi], "skill_ratio": ratios,
+        sm = summary(rows, None, units, members=labels, fused_label=fused_label)
+        ci = sm["gain_interval"]
+        report["variants"][name] = {"why": v.why, "members": labels, "best_member": sm["best_member"],
+                                    "gain": sm["gain"], "gain_interval": [ci["low"], ci["high"]],
+                                    "skill_ratio": sm["skill_ratio"],
                                     "rows": {k: rows[k] for k in labels + [fused_label]}}
-        print(f"  {name}: fused {rows[fused_label]['mean']:.3f} vs best member {best} {rows[best]['mean']:.3f}: "
-              f"gain {gain:+.3f} ({lo:+.3f} .. {hi:+.3f}); per skill "
-              + ", ".join(f"{s} {r:.2f}" for s, r in ratios.items() if r is not None), flush=True)
+        print(f"  {name}: fused {sm['fused_mean']:.3f} vs best member {sm['best_member']} "
+              f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
+              "per skill " + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None),
+              flush=True)
     (out / "variants.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'variants.json'} (training {train_s:.0f} s)")
 

@@ -161,10 +161,6 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
 
 def _compare(out: Path, family: Path, seed: int | None, limit: int | None, methods: Sequence[str],
              budget: str | None, models: Sequence[str] | None, batch_size: int, echo, progress: bool) -> dict[str, Any]:
-    import torch
-
-    from .eval import EvalConfig, evaluate
-    from .eval.loader import load_for_eval
     from .merge import run_merge
 
     t_all = time.perf_counter()
@@ -188,15 +184,11 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
     jobs.append(("comm", family / "comm"))
     if models is not None:
         jobs = [j for j in jobs if j[0] in models]
-    cfg = EvalConfig(limit=limit, batch_size=batch_size, max_new_tokens=EVAL["max_new_tokens"], log_samples=True)
     rows: dict[str, dict[str, Any]] = {}
     units: dict[str, dict[str, list[float]]] = {}
     echo(format_header())
     for label, path in jobs:
-        m = load_for_eval(path, dtype=torch.float32)
-        res = evaluate(m, "toy", test, cfg, model_name=label, progress=progress)
-        rows[label] = summarize(res)
-        units[label] = score_units(res)
+        rows[label], units[label] = evaluate_model(path, test, label, limit, batch_size, progress)
         echo(format_row(label, rows[label]))
     doc = {"family": str(family), "test": str(test), "test_seed": test_seed, "shipped_split": test_seed == shipped,
            "limit_per_part": limit, "eval": {**EVAL, "batch_size": batch_size}, "ties_density": TIES_DENSITY,
@@ -205,14 +197,31 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
     return doc
 
 
+def evaluate_model(path: str | os.PathLike, test: str | os.PathLike, label: str, limit: int | None = None,
+                   batch_size: int = EVAL["batch_size"], progress: bool = False
+                   ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Evaluate one model dir (member, fused or COMM) on a toy split with the family's settings
+    (:data:`EVAL`, float32): its table row (:func:`summarize`) and per-unit scores (:func:`score_units`)."""
+    import torch
+
+    from .eval import EvalConfig, evaluate
+    from .eval.loader import load_for_eval
+
+    cfg = EvalConfig(limit=limit, batch_size=batch_size, max_new_tokens=EVAL["max_new_tokens"], log_samples=True)
+    res = evaluate(load_for_eval(path, dtype=torch.float32), "toy", test, cfg, model_name=label, progress=progress)
+    return summarize(res), score_units(res)
+
+
 def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
-            units: dict[str, dict[str, list[float]]] | None = None) -> dict[str, Any]:
+            units: dict[str, dict[str, list[float]]] | None = None, members: Sequence[str] = MEMBERS,
+            fused_label: str = "fused:task_arithmetic") -> dict[str, Any]:
     """Best member by ``mean``; the default fused model's gain over it, per-skill ratios to the best
     member on that skill, and the share of the gain the budgeted fused model keeps. With ``units``
     (:func:`score_units` per row): ``gain_interval``, a paired-bootstrap interval of the gain
-    (:data:`BOOTSTRAP`), so a user can tell a gain from the noise of a few hundred questions."""
-    members = [n for n in MEMBERS if n in rows]
-    fused = rows.get("fused:task_arithmetic")
+    (:data:`BOOTSTRAP`), so a user can tell a gain from the noise of a few hundred questions.
+    ``members`` / ``fused_label``: the rows compared (another family's members, another fused row)."""
+    members = [n for n in members if n in rows]
+    fused = rows.get(fused_label)
     if not members or fused is None:
         return {}
     best = max(members, key=lambda n: rows[n]["mean"])
@@ -225,13 +234,13 @@ def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
 
     out: dict[str, Any] = {"best_member": best, "best_member_mean": rows[best]["mean"], "fused_mean": fused["mean"],
                            "gain": gain, "skill_ratio": {s: ratio(s) for s in SKILL_COLUMNS}}
-    if units and "fused:task_arithmetic" in units and best in units:
+    if units and fused_label in units and best in units:
         from .eval.metrics import paired_bootstrap_interval
 
-        lo, hi = paired_bootstrap_interval(units["fused:task_arithmetic"], units[best], **BOOTSTRAP)
+        lo, hi = paired_bootstrap_interval(units[fused_label], units[best], **BOOTSTRAP)
         out["gain_interval"] = {"low": lo, "high": hi, **BOOTSTRAP,
                                 "method": "paired bootstrap over questions (VQA, POPE) and MMVP pairs"}
-    b = rows.get(f"fused:task_arithmetic+{budget}") if budget else None
+    b = rows.get(f"{fused_label}+{budget}") if budget else None
     if b is not None:
         out["budget_gain"] = b["mean"] - rows[best]["mean"]
         out["budget_gain_kept"] = out["budget_gain"] / gain if gain > 0 else None

@@ -88,9 +88,10 @@ JOBS = 2  # training processes at once after the base (members and COMM are inde
 
 # --- pieces -------------------------------------------------------------------------------------------------
 
-def build_encoder_dir(directory: str | os.PathLike, role: str, seed: int) -> Path:
+def build_encoder_dir(directory: str | os.PathLike, role: str, seed: int, spec: dict[str, Any] | None = None) -> Path:
     """A frozen, randomly initialised tiny encoder saved as a transformers model dir + preprocessor config.
 
+    ``spec``: an entry shaped like :data:`ENCODERS` (default: ``ENCODERS[role]``), for a variant encoder.
     ``tie_channels``: the patch embedding's 3 input-channel slices are made identical (their mean),
     so with equal per-channel mean/std the encoder sees only R+G+B.
     """
@@ -98,7 +99,7 @@ def build_encoder_dir(directory: str | os.PathLike, role: str, seed: int) -> Pat
 
     from fuse.encoders import build_encoder
 
-    spec = ENCODERS[role]
+    spec = ENCODERS[role] if spec is None else spec
     torch.manual_seed(seed)
     enc = build_encoder(spec["kind"], config=spec["config"], processor=spec["processor"])
     if spec["tie_channels"]:
