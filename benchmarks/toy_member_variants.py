@@ -11,6 +11,12 @@ by default: never a test world of the README's tables).
     python benchmarks/toy_member_variants.py                      # every variant, ~6 min training each
     python benchmarks/toy_member_variants.py --variants colour-4-tokens -j 1
 
+A variant may replace both members (a *family*, :data:`FAMILIES`), and a member may get a **shared main
+encoder**: the same frozen encoder (same seed) in every member of the family, with the member's own encoder
+as a second branch, both channel-concatenated before the projector (``channel_concat`` fusion). That is how
+MGM-8B and SliME-8B are built (one frozen CLIP ViT-L/14-336 plus a private branch each), and it is what
+makes their visual tokens aligned.
+
 Prints one row per model and per variant the fused model's gain over the best member of that variant,
 and its per-skill ratio to the best member; writes ``OUT/variants.json``. Needs ``train`` (dev install).
 """
@@ -39,6 +45,8 @@ class Variant:
     skills: tuple[str, ...] | None = None
     encoder: dict[str, Any] = field(default_factory=dict)
     tie_channels: bool | None = None
+    main: str | None = None  # a key of MAIN_ENCODERS: shared main encoder, own encoder as a second branch
+    encoder_seed: int | None = None  # default: the role's index in ENCODERS (a new role: ENCODER_SEED_OF_NEW_ROLE)
 
 
 _THIRD = dict(hidden_size=96, intermediate_size=192, image_size=84, patch_size=12, projection_dim=96,
@@ -60,6 +68,43 @@ VARIANTS: dict[str, Variant] = {
 }
 ENCODER_SEED_OF_NEW_ROLE = 4  # train.toyfamily seeds encoders seed * 1000 + index; 0..3 are taken
 
+_CLIP_28 = dict(hidden_size=96, intermediate_size=96, image_size=28, patch_size=4, projection_dim=96, num_hidden_layers=1)
+# shared main encoders: name -> (role whose ENCODERS entry is the base spec, overrides, tie_channels, seed index)
+MAIN_ENCODERS: dict[str, tuple[str, dict[str, Any], bool, int]] = {
+    "grey28": ("colour", _CLIP_28, True, 5),  # colour-blind 28 px thumbnail: the spatial member stays colour-blind
+    "colour28": ("colour", {}, False, 0),     # the shipped colour member's own encoder (RGB 28 px), same seed
+}
+VARIANTS.update({
+    "colour+grey-main": Variant("colour", "colour member: shared colour-blind 28 px main encoder + its RGB encoder",
+                                replaces="colour", main="grey28"),
+    "spatial+grey-main": Variant("spatial", "spatial member: shared colour-blind 28 px main encoder + its sharp "
+                                 "colour-blind encoder", replaces="spatial", main="grey28"),
+    "spatial+colour-main": Variant("spatial", "spatial member: shared RGB 28 px main encoder (the colour member's) + "
+                                   "its sharp colour-blind encoder (MGM-like high-resolution branch)",
+                                   replaces="spatial", main="colour28"),
+    "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
+                                 "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
+                                 encoder=dict(_CLIP_28, image_size=56, patch_size=8), tie_channels=False,
+                                 encoder_seed=6),
+})
+# families: name -> the variants fused together (the shipped members fill the roles none of them replaces);
+# every variant is also a family of one under its own name
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "shared-grey-main": ("colour+grey-main", "spatial+grey-main"),
+    "shared-colour-main": ("rgb56+colour-main", "spatial+colour-main"),
+}
+
+
+def _encoder_spec(role: str, overrides: dict[str, Any], tie_channels: bool | None) -> dict[str, Any]:
+    import train.toyfamily as tf
+
+    spec = copy.deepcopy(tf.ENCODERS.get(role, {"kind": "clip", "config": dict(tf._CLIP_COMMON),
+                                                "processor": tf._DARK, "tie_channels": False}))
+    spec["config"].update(overrides)
+    if tie_channels is not None:
+        spec["tie_channels"] = tie_channels
+    return spec
+
 
 def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     """Train ``name``'s member from the shipped base into ``out/members/<name>``; returns (its dir, the
@@ -71,20 +116,21 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     v = VARIANTS[name]
     work = out / "work" / name
     work.mkdir(parents=True, exist_ok=True)
-    spec = copy.deepcopy(tf.ENCODERS.get(v.role, {"kind": "clip", "config": dict(tf._CLIP_COMMON),
-                                                   "processor": tf._DARK, "tie_channels": False}))
-    spec["config"].update(v.encoder)
-    if v.tie_channels is not None:
-        spec["tie_channels"] = v.tie_channels
-    index = list(tf.ENCODERS).index(v.role) if v.replaces else ENCODER_SEED_OF_NEW_ROLE
-    enc = tf.build_encoder_dir(work / "encoder", v.role, index, spec)  # family seed 0: seed * 1000 + index
+    seed = v.encoder_seed if v.encoder_seed is not None else (
+        list(tf.ENCODERS).index(v.role) if v.role in tf.ENCODERS else ENCODER_SEED_OF_NEW_ROLE)
+    own = tf.build_encoder_dir(work / "encoder", v.role, seed, _encoder_spec(v.role, v.encoder, v.tie_channels))
+    encoders, fusion = {"clip": tf._enc_entry(own)}, None  # family seed 0: encoder seed = seed * 1000 + index
+    if v.main is not None:
+        base_role, overrides, tie, main_seed = MAIN_ENCODERS[v.main]
+        main = tf.build_encoder_dir(work / "main", v.main, main_seed, _encoder_spec(base_role, overrides, tie))
+        encoders, fusion = {"clip": tf._enc_entry(main), "dinov2": tf._enc_entry(own)}, {"type": "channel_concat"}
     data = world / "train" / "llava.json"
     if v.skills is not None:
         sub = work / "train.json"
         sub.write_text(json.dumps(select_skills(json.loads(data.read_text()), v.skills)))
         data = sub
-    final, stages = tf.train_member(v.role, ASSETS / "base", {"clip": tf._enc_entry(enc)}, data, world / "train",
-                                    work, 0, 1.0)
+    final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
+                                    fusion=fusion)
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
@@ -105,17 +151,27 @@ def fused_dir(members: dict[str, Path], out: Path) -> Path:
     return out
 
 
+def family(name: str) -> tuple[str, ...]:
+    """The variants fused together under ``name`` (a :data:`FAMILIES` key, or one variant)."""
+    return FAMILIES.get(name, (name,))
+
+
+DEFAULT = [n for n in VARIANTS if VARIANTS[n].main is None] + ["spatial+colour-main", *FAMILIES]
+
+
 def main() -> None:
+    known = list(VARIANTS) + list(FAMILIES)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default=",".join(DEFAULT),
+                    help=f"comma-separated variants or families, of: {', '.join(known)}")
     ap.add_argument("--seed", type=int, default=4242, help="validation world (never a test world)")
     ap.add_argument("-o", "--output", type=Path, default=Path("out/member_variants"))
     ap.add_argument("-j", "--jobs", type=int, default=2, help="training processes at once")
     args = ap.parse_args()
     names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
     from fuse.toyfamily import ASSETS, MEMBERS, WORLD, evaluate_model, format_header, format_row, summary, \
         write_test_split
@@ -133,31 +189,41 @@ def main() -> None:
 
     t0 = time.perf_counter()
     trained: dict[str, Path] = {}
-    for name, dest, _, secs in _run_jobs([(n, train_variant, (n, out, world)) for n in names], args.jobs):
+    to_train = list(dict.fromkeys(v for n in names for v in family(n)))
+    for name, dest, _, secs in _run_jobs([(n, train_variant, (n, out, world)) for n in to_train], args.jobs):
         trained[name] = dest  # one torch thread per job: the bits depend on the seed only
         print(f"trained {name} in {secs:.0f} s", flush=True)
     train_s = time.perf_counter() - t0
 
     rows: dict[str, dict[str, Any]] = {}
     units: dict[str, dict[str, list[float]]] = {}
-    print(format_header())
-    for m in MEMBERS:
-        rows[m], units[m] = evaluate_model(ASSETS / m, test, m)
-        print(format_row(m, rows[m]), flush=True)
-    report: dict[str, Any] = {"validation_seed": args.seed, "train_seconds": round(train_s, 1), "variants": {}}
-    for name in names:
-        v = VARIANTS[name]
-        members = {m: ASSETS / m for m in MEMBERS if m != v.replaces}
-        members[v.role] = trained[name]
-        members = {k: members[k] for k in sorted(members, key=lambda k: (k != "colour", k))}  # colour first
-        fused_label = f"fused[{name}]"
-        for label, path in ((name, trained[name]), (fused_label, fused_dir(members, out / "fused" / name))):
+
+    def evaluate(label: str, path: Path) -> None:
+        if label not in rows:
             rows[label], units[label] = evaluate_model(path, test, label)
             print(format_row(label, rows[label]), flush=True)
-        labels = [name if k == v.role else k for k in members]
+
+    print(format_header())
+    for m in MEMBERS:
+        evaluate(m, ASSETS / m)
+    report: dict[str, Any] = {"validation_seed": args.seed, "train_seconds": round(train_s, 1), "variants": {}}
+    for name in names:
+        parts = family(name)
+        replaced = {VARIANTS[v].replaces for v in parts}
+        # merge name -> (row label, dir); a replacing variant takes the shipped member's name (the recipe's
+        # text.member is "colour"), a third member keeps its role
+        members = {m: (m, ASSETS / m) for m in MEMBERS if m not in replaced}
+        members.update({VARIANTS[v].replaces or VARIANTS[v].role: (v, trained[v]) for v in parts})
+        members = {k: members[k] for k in sorted(members, key=lambda k: (k != "colour", k))}  # colour first
+        for label, path in members.values():
+            evaluate(label, path)
+        fused_label = f"fused[{name}]"
+        evaluate(fused_label, fused_dir({k: p for k, (_, p) in members.items()}, out / "fused" / name))
+        labels = [label for label, _ in members.values()]
         sm = summary(rows, None, units, members=labels, fused_label=fused_label)
         ci = sm["gain_interval"]
-        report["variants"][name] = {"why": v.why, "members": labels, "best_member": sm["best_member"],
+        report["variants"][name] = {"why": [VARIANTS[v].why for v in parts], "members": labels,
+                                    "best_member": sm["best_member"],
                                     "gain": sm["gain"], "gain_interval": [ci["low"], ci["high"]],
                                     "skill_ratio": sm["skill_ratio"],
                                     "rows": {k: rows[k] for k in labels + [fused_label]}}

@@ -1,0 +1,47 @@
+"""The benchmark scripts' registries are consistent (the scripts themselves re-train models: too slow here)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import train.toyfamily as tf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_member_variant_families_are_consistent():
+    tmv = _load("toy_member_variants")
+    for name, parts in tmv.FAMILIES.items():
+        assert name not in tmv.VARIANTS and all(p in tmv.VARIANTS for p in parts), name
+        replaced = [tmv.VARIANTS[p].replaces for p in parts]
+        assert None not in replaced and len(set(replaced)) == len(replaced), name  # one variant per shipped member
+    assert all(n in tmv.VARIANTS or n in tmv.FAMILIES for n in tmv.DEFAULT)
+    for v in tmv.VARIANTS.values():
+        assert v.main is None or v.main in tmv.MAIN_ENCODERS
+        assert v.replaces is None or v.replaces in tf.ENCODERS
+
+
+def test_shared_main_encoders_reproduce_the_shipped_colour_encoder(tmp_path):
+    """``colour28`` must be the shipped colour member's encoder bit for bit (same spec, same seed): that is
+    what makes it *shared* with the shipped colour member in the ``spatial+colour-main`` variant."""
+    from safetensors.torch import load_file
+
+    tmv = _load("toy_member_variants")
+    role, overrides, tie, seed = tmv.MAIN_ENCODERS["colour28"]
+    a = tf.build_encoder_dir(tmp_path / "a", "colour28", seed, tmv._encoder_spec(role, overrides, tie))
+    b = tf.build_encoder_dir(tmp_path / "b", "colour", list(tf.ENCODERS).index("colour"))
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
+    grey = tf.build_encoder_dir(tmp_path / "g", "grey28", tmv.MAIN_ENCODERS["grey28"][3],
+                                tmv._encoder_spec(*tmv.MAIN_ENCODERS["grey28"][:3]))
+    w = load_file(str(grey / "model.safetensors"))
+    conv = next(v for k, v in w.items() if k.endswith("patch_embedding.weight"))
+    assert bool((conv[:, 0] == conv[:, 1]).all() and (conv[:, 1] == conv[:, 2]).all())  # colour-blind
