@@ -134,15 +134,17 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
-def fused_dir(members: dict[str, Path], out: Path) -> Path:
-    """Merge ``members`` as the shipped recipe does: task_arithmetic, weight 1/n, parallel positions."""
+def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None) -> Path:
+    """Merge ``members`` as the shipped recipe does: task_arithmetic, weight 1/n (or ``weights``, in
+    ``members``' order), parallel positions."""
     from fuse.merge import run_merge
     from fuse.recipe import parse_recipe
     from fuse.toyfamily import ASSETS, RECIPE
 
     data = copy.deepcopy(RECIPE)
     data["base_model"] = str(ASSETS / "base")
-    data["members"] = [{"model": str(p), "name": n, "weight": 1 / len(members)} for n, p in members.items()]
+    weights = weights or [1 / len(members)] * len(members)
+    data["members"] = [{"model": str(p), "name": n, "weight": w} for (n, p), w in zip(members.items(), weights)]
     data["output"] = {"dir": str(out)}
     if out.exists():
         shutil.rmtree(out)
@@ -167,7 +169,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4242, help="validation world (never a test world)")
     ap.add_argument("-o", "--output", type=Path, default=Path("out/member_variants"))
     ap.add_argument("-j", "--jobs", type=int, default=2, help="training processes at once")
+    ap.add_argument("--weights", default=None,
+                    help="merge weights, comma-separated in member order (colour first; default 1/n each): "
+                         "e.g. 0,1 fuses with the second member's own LLM, unmerged")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use members already trained into OUT/members by an earlier run of this script")
     args = ap.parse_args()
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    tag = "" if weights is None else "@" + ",".join(f"{w:g}" for w in weights)  # in labels and file names
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -190,6 +199,9 @@ def main() -> None:
     t0 = time.perf_counter()
     trained: dict[str, Path] = {}
     to_train = list(dict.fromkeys(v for n in names for v in family(n)))
+    if args.reuse:
+        trained = {v: out / "members" / v for v in to_train if (out / "members" / v / "config.json").is_file()}
+        to_train = [v for v in to_train if v not in trained]
     for name, dest, _, secs in _run_jobs([(n, train_variant, (n, out, world)) for n in to_train], args.jobs):
         trained[name] = dest  # one torch thread per job: the bits depend on the seed only
         print(f"trained {name} in {secs:.0f} s", flush=True)
@@ -206,7 +218,8 @@ def main() -> None:
     print(format_header())
     for m in MEMBERS:
         evaluate(m, ASSETS / m)
-    report: dict[str, Any] = {"validation_seed": args.seed, "train_seconds": round(train_s, 1), "variants": {}}
+    report: dict[str, Any] = {"validation_seed": args.seed, "train_seconds": round(train_s, 1), "weights": weights,
+                              "variants": {}}
     for name in names:
         parts = family(name)
         replaced = {VARIANTS[v].replaces for v in parts}
@@ -217,8 +230,11 @@ def main() -> None:
         members = {k: members[k] for k in sorted(members, key=lambda k: (k != "colour", k))}  # colour first
         for label, path in members.values():
             evaluate(label, path)
-        fused_label = f"fused[{name}]"
-        evaluate(fused_label, fused_dir({k: p for k, (_, p) in members.items()}, out / "fused" / name))
+        if weights is not None and len(weights) != len(members):
+            raise SystemExit(f"error: --weights: {len(weights)} given, {name} has {len(members)} members")
+        fused_label = f"fused[{name}{tag}]"
+        evaluate(fused_label, fused_dir({k: p for k, (_, p) in members.items()}, out / "fused" / f"{name}{tag}",
+                                        weights))
         labels = [label for label, _ in members.values()]
         sm = summary(rows, None, units, members=labels, fused_label=fused_label)
         ci = sm["gain_interval"]
@@ -231,8 +247,8 @@ def main() -> None:
               f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
               "per skill " + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None),
               flush=True)
-    (out / "variants.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out / 'variants.json'} (training {train_s:.0f} s)")
+    (out / f"variants{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out / f'variants{tag}.json'} (training {train_s:.0f} s)")
 
 
 if __name__ == "__main__":
