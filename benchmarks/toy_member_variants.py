@@ -51,8 +51,27 @@ class Variant:
     encoder_seed: int | None = None  # default: the role's index in ENCODERS (a new role: ENCODER_SEED_OF_NEW_ROLE)
 
 
+@dataclass(frozen=True)
+class MainEncoder:
+    """A shared main encoder: ``train.toyfamily.ENCODERS[base_role]`` with ``overrides`` and
+    ``tie_channels``, built with encoder seed ``seed`` (the same bits in every member that uses it)."""
+
+    base_role: str
+    seed: int
+    tie_channels: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+MAIN_ENCODERS: dict[str, MainEncoder] = {
+    "grey28": MainEncoder("colour", 5, tie_channels=True),  # colour-blind 28 px thumbnail: spatial stays colour-blind
+    "colour28": MainEncoder("colour", 0),  # the shipped colour member's own encoder (RGB 28 px), same seed
+}
+ENCODER_SEED_OF_NEW_ROLE = 4  # train.toyfamily seeds encoders seed * 1000 + index; 0..3 are taken
+
 _THIRD = dict(hidden_size=96, intermediate_size=192, image_size=84, patch_size=12, projection_dim=96,
               num_hidden_layers=2)
+_RGB56 = dict(hidden_size=96, intermediate_size=96, image_size=56, patch_size=8, projection_dim=96,
+              num_hidden_layers=1)
 VARIANTS: dict[str, Variant] = {
     "colour-coarse-skills": Variant("colour", "colour member trained on colour + position questions only "
                                     "(what a 7x7 thumbnail can see): is its count readout the conflict?",
@@ -67,16 +86,6 @@ VARIANTS: dict[str, Variant] = {
                                   "readers against one thumbnail)", encoder=_THIRD, tie_channels=True),
     "third-rgb": Variant("detail", "a third member: 2-layer RGB CLIP at 84 px (sees colour and outlines)",
                          encoder=_THIRD, tie_channels=False),
-}
-ENCODER_SEED_OF_NEW_ROLE = 4  # train.toyfamily seeds encoders seed * 1000 + index; 0..3 are taken
-
-_CLIP_28 = dict(hidden_size=96, intermediate_size=96, image_size=28, patch_size=4, projection_dim=96, num_hidden_layers=1)
-# shared main encoders: name -> (role whose ENCODERS entry is the base spec, overrides, tie_channels, seed index)
-MAIN_ENCODERS: dict[str, tuple[str, dict[str, Any], bool, int]] = {
-    "grey28": ("colour", _CLIP_28, True, 5),  # colour-blind 28 px thumbnail: the spatial member stays colour-blind
-    "colour28": ("colour", {}, False, 0),     # the shipped colour member's own encoder (RGB 28 px), same seed
-}
-VARIANTS.update({
     "colour+grey-main": Variant("colour", "colour member: shared colour-blind 28 px main encoder + its RGB encoder",
                                 replaces="colour", main="grey28"),
     "spatial+grey-main": Variant("spatial", "spatial member: shared colour-blind 28 px main encoder + its sharp "
@@ -86,9 +95,8 @@ VARIANTS.update({
                                    replaces="spatial", main="colour28"),
     "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
                                  "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
-                                 encoder=dict(_CLIP_28, image_size=56, patch_size=8), tie_channels=False,
-                                 encoder_seed=6),
-})
+                                 encoder=_RGB56, tie_channels=False, encoder_seed=6),
+}
 # families: name -> the variants fused together (the shipped members fill the roles none of them replaces);
 # every variant is also a family of one under its own name
 FAMILIES: dict[str, tuple[str, ...]] = {
@@ -123,8 +131,9 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     own = tf.build_encoder_dir(work / "encoder", v.role, seed, _encoder_spec(v.role, v.encoder, v.tie_channels))
     encoders, fusion = {"clip": tf._enc_entry(own)}, None  # family seed 0: encoder seed = seed * 1000 + index
     if v.main is not None:
-        base_role, overrides, tie, main_seed = MAIN_ENCODERS[v.main]
-        main = tf.build_encoder_dir(work / "main", v.main, main_seed, _encoder_spec(base_role, overrides, tie))
+        m = MAIN_ENCODERS[v.main]
+        main = tf.build_encoder_dir(work / "main", v.main, m.seed, _encoder_spec(m.base_role, m.overrides,
+                                                                                 m.tie_channels))
         encoders, fusion = {"clip": tf._enc_entry(main), "dinov2": tf._enc_entry(own)}, {"type": "channel_concat"}
     data = world / "train" / "llava.json"
     if v.skills is not None:

@@ -35,13 +35,17 @@ def test_shared_main_encoders_reproduce_the_shipped_colour_encoder(tmp_path):
     from safetensors.torch import load_file
 
     tmv = _load("toy_member_variants")
-    role, overrides, tie, seed = tmv.MAIN_ENCODERS["colour28"]
-    a = tf.build_encoder_dir(tmp_path / "a", "colour28", seed, tmv._encoder_spec(role, overrides, tie))
+
+    def build(name):
+        m = tmv.MAIN_ENCODERS[name]
+        d = tf.build_encoder_dir(tmp_path / name, name, m.seed, tmv._encoder_spec(m.base_role, m.overrides,
+                                                                                   m.tie_channels))
+        return load_file(str(d / "model.safetensors"))
+
+    wa = build("colour28")
     b = tf.build_encoder_dir(tmp_path / "b", "colour", list(tf.ENCODERS).index("colour"))
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wb = load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(bool((wa[k] == wb[k]).all()) for k in wa)
-    grey = tf.build_encoder_dir(tmp_path / "g", "grey28", tmv.MAIN_ENCODERS["grey28"][3],
-                                tmv._encoder_spec(*tmv.MAIN_ENCODERS["grey28"][:3]))
-    w = load_file(str(grey / "model.safetensors"))
+    w = build("grey28")
     conv = next(v for k, v in w.items() if k.endswith("patch_embedding.weight"))
     assert bool((conv[:, 0] == conv[:, 1]).all() and (conv[:, 1] == conv[:, 2]).all())  # colour-blind
