@@ -145,15 +145,16 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
-def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None) -> Path:
+def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None, base: Path | None = None
+              ) -> Path:
     """Merge ``members`` as the shipped recipe does: task_arithmetic, weight 1/n (or ``weights``, in
-    ``members``' order), parallel positions."""
+    ``members``' order), parallel positions; ``base``: their base LLM (default: the shipped one)."""
     from fuse.merge import run_merge
     from fuse.recipe import parse_recipe
     from fuse.toyfamily import ASSETS, RECIPE
 
     data = copy.deepcopy(RECIPE)
-    data["base_model"] = str(ASSETS / "base")
+    data["base_model"] = str(base or ASSETS / "base")
     weights = weights or [1 / len(members)] * len(members)
     data["members"] = [{"model": str(p), "name": n, "weight": w} for (n, p), w in zip(members.items(), weights)]
     data["output"] = {"dir": str(out)}
@@ -162,6 +163,22 @@ def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None =
     run_merge(parse_recipe(data, source="variant", root=out.parent), progress=False, checksums=False,
               align_check=False, echo=lambda *a, **k: None)
     return out
+
+
+def prepare_worlds(out: Path, seed: int) -> tuple[Path, Path]:
+    """``out/train_world`` (the shipped family's training world, seed 0) and ``out/val_<seed>`` (a
+    validation split), generated once and kept for later runs."""
+    from fuse.toyfamily import WORLD, write_test_split
+    from fuse.toyworld import generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    world = out / "train_world"
+    if not (world / "train" / "llava.json").is_file():
+        generate(world, seed=0, force=True, **WORLD)
+    test = out / f"val_{seed}"
+    if not test.is_dir():
+        write_test_split(test, seed)
+    return world, test
 
 
 def family(name: str) -> tuple[str, ...]:
@@ -193,19 +210,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
-    from fuse.toyfamily import ASSETS, MEMBERS, WORLD, evaluate_model, format_header, format_row, summary, \
-        write_test_split
-    from fuse.toyworld import generate
+    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_row, summary
     from train.toyfamily import _run_jobs
 
     out = args.output.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    world = out / "train_world"
-    if not (world / "train" / "llava.json").is_file():
-        generate(world, seed=0, force=True, **WORLD)  # the shipped family's training world
-    test = out / f"val_{args.seed}"
-    if not test.is_dir():
-        write_test_split(test, args.seed)
+    world, test = prepare_worlds(out, args.seed)
 
     t0 = time.perf_counter()
     trained: dict[str, Path] = {}

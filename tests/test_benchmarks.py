@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 import train.toyfamily as tf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +51,25 @@ def test_shared_main_encoders_reproduce_the_shipped_colour_encoder(tmp_path):
     w = build("grey28")
     conv = next(v for k, v in w.items() if k.endswith("patch_embedding.weight"))
     assert bool((conv[:, 0] == conv[:, 1]).all() and (conv[:, 1] == conv[:, 2]).all())  # colour-blind
+
+
+def test_family_scale_reference_row_is_the_shipped_llm():
+    """toy_family_scale.py labels the shipped family "128x4": its LLM config at 128x4 must be the shipped one,
+    so a larger size differs from the shipped family in width and depth only."""
+    import json
+
+    from fuse.toyfamily import ASSETS
+
+    tfs = _load("toy_family_scale")
+    assert tfs.parse_llm("256X8") == (256, 8)
+    for bad in ("256", "256x", "100x4", "128x0"):
+        with pytest.raises(SystemExit):
+            tfs.parse_llm(bad)
+    cfg = tfs.llm_config(128, 4)
+    assert cfg == {**tf.LLM_CONFIG, "initializer_range": cfg["initializer_range"]}  # init: only a training choice
+    shipped = json.loads((ASSETS / "base" / "config.json").read_text())
+    assert {k: shipped[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                    "num_key_value_heads")} == {k: cfg[k] for k in ("hidden_size", "intermediate_size",
+                                                                                    "num_hidden_layers",
+                                                                                    "num_attention_heads",
+                                                                                    "num_key_value_heads")}
