@@ -47,23 +47,16 @@ def train_family(size: str, out: Path, world: Path, base_lr: float, jobs: int) -
     """Base LLM of ``size`` then both members into ``out`` (skipping what is already there); returns the
     seconds each piece took. One torch thread per job, as ``train toy-family``: the bits depend on the seed."""
     import train.toyfamily as tf
-    from fuse.testing import build_base_llm
     from fuse.toyfamily import MEMBERS
 
     work = out / "work"
     train_json, image_root = world / "train" / "llava.json", world / "train"
-    enc = {r: tf.build_encoder_dir(work / "encoders" / r, r, i) for i, r in enumerate(tf.ENCODERS) if r in MEMBERS}
+    enc = tf.build_encoder_dirs(work, 0, MEMBERS)
     secs: dict[str, float] = {}
     if not (out / "base" / "config.json").is_file():
-        records = json.loads(train_json.read_text())
-        scenes = {s["image"]: s for s in map(json.loads, (image_root / "scenes.jsonl").read_text().splitlines())}
-        init = build_base_llm(work / "base_init", seed=0, vocab_size=tf.VOCAB_SIZE, **llm_config(*parse_llm(size)))
-        text_json = work / "base_text.json"
-        text_json.write_text(json.dumps(tf.base_corpus(records, scenes, 0)))
         schedule = dict(tf.BASE_TRAIN, lr=base_lr)
-        _, final, stages, secs["base"] = tf._run_job(("base", tf._train_base, (init, {"clip": tf._enc_entry(
-            enc["colour"])}, text_json, image_root, work, 0, schedule)))
-        tf._export_base(final, out / "base")
+        _, stages, secs["base"] = tf.pretrain_base(world, work, out / "base", 0, schedule, enc["colour"],
+                                                   llm_config(*parse_llm(size)))
         print(f"{size} base: {stages[0]['steps']} steps at lr {schedule['lr']:g}, loss {stages[0]['final_loss']:.3f} "
               f"({secs['base']:.0f} s)", flush=True)
     todo = [(n, tf.train_member, (n, out / "base", {"clip": tf._enc_entry(enc[n])}, train_json, image_root, work, 0))

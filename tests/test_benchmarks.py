@@ -68,8 +68,5 @@ def test_family_scale_reference_row_is_the_shipped_llm():
     cfg = tfs.llm_config(128, 4)
     assert cfg == {**tf.LLM_CONFIG, "initializer_range": cfg["initializer_range"]}  # init: only a training choice
     shipped = json.loads((ASSETS / "base" / "config.json").read_text())
-    assert {k: shipped[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                    "num_key_value_heads")} == {k: cfg[k] for k in ("hidden_size", "intermediate_size",
-                                                                                    "num_hidden_layers",
-                                                                                    "num_attention_heads",
-                                                                                    "num_key_value_heads")}
+    shapes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    assert {k: shipped[k] for k in shapes} == {k: cfg[k] for k in shapes}

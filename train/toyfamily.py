@@ -319,7 +319,6 @@ def train_family(out: str | os.PathLike, seed: int = 0, work: str | os.PathLike 
 
 def _train_family(out: Path, seed: int, work: str | os.PathLike | None, steps_scale: float, jobs: int,
                   world: dict | None, echo) -> dict[str, Any]:
-    from fuse.testing import build_base_llm
     from fuse.toyworld import generate
 
     work = Path(work) if work is not None else out / "work"
@@ -333,23 +332,13 @@ def _train_family(out: Path, seed: int, work: str | os.PathLike | None, steps_sc
     world = work / "world"
     generate(world, seed=seed, force=True, **world_spec)
     train_json, image_root = world / "train" / "llava.json", world / "train"
-    records = json.loads(train_json.read_text())
-    scenes = {s["image"]: s for s in map(json.loads, (image_root / "scenes.jsonl").read_text().splitlines())}
-    enc_dirs = {r: build_encoder_dir(work / "encoders" / r, r, seed * 1000 + i) for i, r in enumerate(ENCODERS)}
+    enc_dirs = build_encoder_dirs(work, seed)
     times["world_s"] = time.perf_counter() - t0
 
-    # base LLM: text only (questions alone and after a partial scene description)
-    init = build_base_llm(work / "base_init", seed=seed, vocab_size=VOCAB_SIZE, **LLM_CONFIG)
-    text_json = work / "base_text.json"
-    corpus = base_corpus(records, scenes, seed)
-    text_json.write_text(json.dumps(corpus))
     base_sched = _scaled(BASE_TRAIN, steps_scale)
-    base_job = ("base", _train_base, (init, {"clip": _enc_entry(enc_dirs["colour"])}, text_json, image_root, work,
-                                      seed, base_sched))
-    _, base_final, base_stages, times["base_s"] = _run_job(base_job)
-    base = _export_base(base_final, out / "base")
+    base, base_stages, times["base_s"] = pretrain_base(world, work, out / "base", seed, base_sched, enc_dirs["colour"])
     losses: dict[str, Any] = {"base": base_stages[0]["final_loss"]}
-    echo(f"base LLM: {len(corpus)} text conversations, {base_stages[0]['steps']} steps, loss "
+    echo(f"base LLM: {base_stages[0]['conversations']} text conversations, {base_stages[0]['steps']} steps, loss "
          f"{base_stages[0]['final_loss']:.3f} ({times['base_s']:.0f} s)")
 
     todo = [(name, train_member, (name, base, {"clip": _enc_entry(enc_dirs[name])},
@@ -388,6 +377,35 @@ def _train_family(out: Path, seed: int, work: str | os.PathLike | None, steps_sc
     figures["sha256"] = weight_digests(out)
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+def build_encoder_dirs(work: Path, seed: int, roles: Sequence[str] | None = None) -> dict[str, Path]:
+    """The frozen encoders of ``roles`` (default: every role of :data:`ENCODERS`) under ``work/encoders``,
+    each seeded ``seed * 1000 + its index in ENCODERS`` (so a role's encoder does not depend on which
+    other roles are built)."""
+    index = {r: i for i, r in enumerate(ENCODERS)}
+    return {r: build_encoder_dir(work / "encoders" / r, r, seed * 1000 + index[r]) for r in (roles or ENCODERS)}
+
+
+def pretrain_base(world: Path, work: Path, dest: Path, seed: int, schedule: dict, encoder: Path,
+                  llm_config: dict[str, Any] | None = None) -> tuple[Path, list[dict], float]:
+    """The base LLM (``llm_config``, default :data:`LLM_CONFIG`) pretrained on text only, questions alone and
+    after a partial scene description (:func:`base_corpus` of ``world``'s training split), exported to ``dest``
+    as a plain LLaMA dir; returns (``dest``, the stage records with the corpus size, seconds). ``encoder``:
+    configured for the run but never used, since no record has an image."""
+    from fuse.testing import build_base_llm
+
+    train_json, image_root = world / "train" / "llava.json", world / "train"
+    records = json.loads(train_json.read_text())
+    scenes = {s["image"]: s for s in map(json.loads, (image_root / "scenes.jsonl").read_text().splitlines())}
+    init = build_base_llm(work / "base_init", seed=seed, vocab_size=VOCAB_SIZE, **(llm_config or LLM_CONFIG))
+    corpus = base_corpus(records, scenes, seed)
+    text_json = work / "base_text.json"
+    text_json.write_text(json.dumps(corpus))
+    _, final, stages, secs = _run_job(("base", _train_base, (init, {"clip": _enc_entry(encoder)}, text_json,
+                                                             image_root, work, seed, schedule)))
+    stages[0]["conversations"] = len(corpus)
+    return _export_base(final, dest), stages, secs
 
 
 def _train_base(init: Path, encoders: dict[str, dict], data: Path, image_root: Path, work: Path, seed: int,
@@ -475,5 +493,5 @@ def measure_figures(family: Path, test_dir: Path) -> dict[str, Any]:
 
 
 __all__ = ["BASE_TRAIN", "COMM_TRAIN", "ENCODERS", "JOBS", "LLM_CONFIG", "STAGE1", "STAGE2", "base_corpus",
-           "build_encoder_dir", "premise_figures", "relative_distance", "scene_description", "train_comm_model",
-           "train_family", "train_member", "weight_digests"]
+           "build_encoder_dir", "build_encoder_dirs", "premise_figures", "pretrain_base", "relative_distance",
+           "scene_description", "train_comm_model", "train_family", "train_member", "weight_digests"]
