@@ -8,7 +8,7 @@ base pretraining, the same members (the shipped encoders, same seeds), the same 
 training world, merged as ``recipes/toy_family.yaml`` does (task_arithmetic, 0.5 each, parallel positions),
 and evaluates members and fused model on a *validation* world (seed 4242 by default, never a test world).
 
-    python benchmarks/toy_family_scale.py --llm 256x8          # 47 min on 2 CPU cores (42 min of training)
+    python benchmarks/toy_family_scale.py --llm 256x8          # 45 min on 2 CPU cores (42 min of training)
     python benchmarks/toy_family_scale.py --llm 256x8 --reuse  # evaluate an earlier run again
 
 The shipped family (128x4) is evaluated alongside as the reference row. Prints each model's row, the gain
