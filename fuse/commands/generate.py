@@ -51,6 +51,10 @@ def register(group: click.Group) -> None:
     @click.option("--member-positions", type=click.Choice(["sequential", "parallel"]), default=None,
                   help="parallel: every member's span ends where the text after the image starts (default: the "
                        "model's inference settings).")
+    @click.option("--answer-select", type=click.Choice(["none", "confidence", "confidence:members"]), default=None,
+                  help="confidence: answer with all members' tokens and with each member's alone, keep the most "
+                       "probable answer (confidence:members: each member's alone only; default: the model's "
+                       "inference settings).")
     @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
     @click.option("--temperature", default=1.0, show_default=True, type=float)
     @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -64,7 +68,7 @@ def register(group: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
-                 separator: str | None, member_positions: str | None, sample: bool,
+                 separator: str | None, member_positions: str | None, answer_select: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
                  device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
@@ -92,7 +96,8 @@ def register(group: click.Group) -> None:
                                          "positions": _member_specs(positions, "--positions"),
                                          "separator": _separator(separator),
                                          "max_visual_tokens": max_visual_tokens,
-                                         "member_positions": member_positions},
+                                         "member_positions": member_positions,
+                                         "answer_select": answer_select},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)
@@ -103,5 +108,8 @@ def register(group: click.Group) -> None:
         timings = {"load": t_load, **res.timings}
         items = [{"image": str(img), "prompt": p, "answer": t, "tokens": tok, "visual_tokens": sum(tok.values()),
                   "prompt_tokens": n} for img, p, t, tok, n in zip(images, plist, res.texts, res.tokens, res.prompt_tokens)]
+        if res.selected is not None:
+            for item, chosen in zip(items, res.selected):
+                item["answered_by"] = chosen
         payload = {**items[0], "timings": timings} if len(items) == 1 else {"results": items, "timings": timings}
         click.echo(json.dumps(payload, indent=2))

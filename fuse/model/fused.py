@@ -15,7 +15,9 @@ For each (image, prompt) pair:
    (:func:`~fuse.model.assembly.assemble_inputs`);
 5. the merged LLM runs on ``inputs_embeds`` (``forward`` -> logits, ``generate`` -> text, stopping
    on every member's eos ids (:mod:`fuse.model.generation`); transformers' ``generate`` keeps custom
-   position ids growing from the last prompt position).
+   position ids growing from the last prompt position);
+6. optionally (``inference.answer_select``) steps 4-5 run once per member subset and each sample keeps the
+   greedy answer of highest log-probability (:meth:`FusedModel.generate`).
 
 Build one with :meth:`FusedModel.from_pretrained` (a ``fuse merge`` output directory) or
 :meth:`FusedModel.from_members` (loaded :class:`~fuse.members.Member` objects + an LLM; a single
@@ -46,10 +48,11 @@ from .attention import AttentionCapture, capture, decoder_layers, last_position_
 from .budget import BudgetResult, select_total
 from .config import FusedConfig
 from .encoding import encode_images
-from .generation import FiniteLogits, GenerationResult, check_generation, cut_at_eos, generation_config
+from .generation import (FiniteLogits, GenerationResult, answer_log_probs, check_generation, cut_at_eos,
+                         generation_config)
 from .loading import (HUB_KWARGS, fused_text_side, load_branches, load_llm, member_dirs, read_fused_config,
                       save_fused_model)
-from .options import InferenceOptions, refuse_inference_keywords
+from .options import InferenceOptions, answer_candidates, refuse_inference_keywords
 
 
 @dataclass
@@ -258,7 +261,8 @@ class FusedModel(PreTrainedModel):
 
     @torch.no_grad()
     def prepare(self, images: Any, prompts: str | Sequence[str], template: bool = True,
-                inference: Mapping[str, Any] | None = None, max_new_tokens: int = 0) -> FusedInputs:
+                inference: Mapping[str, Any] | None = None, max_new_tokens: int = 0,
+                members: Sequence[str] | None = None) -> FusedInputs:
         """Images + prompts -> the assembled, left-padded LLM input.
 
         ``images``: one per prompt (paths or PIL images; converted to RGB by ``fuse.images.load_image``).
@@ -266,7 +270,8 @@ class FusedModel(PreTrainedModel):
         the prompt as the full text. ``inference``: overrides of the model's inference options for this
         call, as in the recipe's ``inference`` section (``{"token_budget": "pool:2", "positions": {name:
         "share"}, "separator": "member"}``, see :mod:`fuse.model.options`). ``max_new_tokens`` is only
-        used to check the context length.
+        used to check the context length. ``members``: only these members' visual tokens (recipe order
+        kept; default every member), as ``answer_select`` uses them.
         """
         t_start = time.perf_counter()
         images, prompts = _as_list(images), _as_list(prompts)
@@ -278,6 +283,7 @@ class FusedModel(PreTrainedModel):
             if not isinstance(p, str):
                 raise DataError(f"prompt {i}: expected a string, got {type(p).__name__}")
         opts = self.options.override(self.member_names, inference)
+        names = self._member_subset(members)
         pil = [load_image(im) for im in images]
         side = self._text_side(template)
         full = [side.prompt(p) for p in prompts]
@@ -286,17 +292,18 @@ class FusedModel(PreTrainedModel):
         # get_pure_text_embedding; the topk budget scores against the user's question tokens only
         p_embeds: list[torch.Tensor | None] = [None] * len(prompts)
         q_embeds: list[torch.Tensor | None] = [None] * len(prompts)
-        if any(b.needs_text for b in self.branches.values()):
+        if any(self.branches[n].needs_text for n in names):
             p_embeds = [self.embed_ids(b + a) for b, a in text_ids]
         if any(spec.kind == "topk" for spec in opts.budget.values()):
             q_embeds = [self.embed_ids(self._question_ids(p, b, a)) for p, (b, a) in zip(prompts, text_ids)]
         t_text = time.perf_counter() - t_start
 
         weight = self.llm.get_input_embeddings().weight
-        enc = encode_images(self.branches, pil, opts.budget, p_embeds, q_embeds, weight.dtype, weight.device)
+        enc = encode_images({n: self.branches[n] for n in names}, pil, opts.budget, p_embeds, q_embeds,
+                            weight.dtype, weight.device)
         t1 = time.perf_counter()
-        separators = [self._separator_id(opts, j) for j in range(len(self.member_names))]
-        visual = {n: enc.budgeted[n] for n in self.member_names}
+        separators = [self._separator_id(opts, names, j) for j in range(len(names))]
+        visual = {n: enc.budgeted[n] for n in names}
         parallel = opts.member_positions == "parallel"
         assembled = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, parallel=parallel)
         t_select = 0.0
@@ -329,8 +336,8 @@ class FusedModel(PreTrainedModel):
         keeps = []
         for i in range(len(text_ids)):
             spans = assembled.spans[i]
-            scores = [attn[i, spans[n][0]:spans[n][1]] for n in self.member_names]
-            keeps.append(dict(zip(self.member_names, select_total(scores, opts.total.tokens))))
+            scores = [attn[i, spans[n][0]:spans[n][1]] for n in visual]
+            keeps.append(dict(zip(visual, select_total(scores, opts.total.tokens))))
         out = assemble_inputs(text_ids, self.embed_ids, visual, opts.positions, separators, kept=keeps,
                               parallel=opts.member_positions == "parallel")
         for i, keep in enumerate(keeps):
@@ -340,12 +347,21 @@ class FusedModel(PreTrainedModel):
                 visual[name][i] = BudgetResult(res.tokens[idx], None, base[idx])
         return out
 
-    def _separator_id(self, opts: InferenceOptions, j: int) -> int | None:
-        """Token id to insert after member ``j`` (never after the last member)."""
-        if j == len(self.member_names) - 1 or opts.separator == "none":
+    def _member_subset(self, members: Sequence[str] | None) -> list[str]:
+        """``members`` in recipe order (None: every member); an unknown name is an error."""
+        if members is None:
+            return list(self.member_names)
+        unknown = [n for n in members if n not in self.member_names]
+        if unknown or not members:
+            raise FuseError(f"members={list(members)!r}: expected a non-empty subset of {self.member_names}")
+        return [n for n in self.member_names if n in members]
+
+    def _separator_id(self, opts: InferenceOptions, names: Sequence[str], j: int) -> int | None:
+        """Token id to insert after ``names[j]`` (never after the last member of ``names``)."""
+        if j == len(names) - 1 or opts.separator == "none":
             return None
         if opts.separator == "member":
-            sep = self.config.members[j].get("separator_token_id")
+            sep = self.config.members[self.member_names.index(names[j])].get("separator_token_id")
             return int(sep) if sep is not None else None
         return int(opts.separator)
 
@@ -356,7 +372,7 @@ class FusedModel(PreTrainedModel):
             return
         for i, n_pos in enumerate(asm.n_positions):
             if n_pos + max_new_tokens > ctx:
-                vis = {n: per_member[n][i].count for n in self.member_names}
+                vis = {n: per_member[n][i].count for n in per_member}
                 n_text = len(text_ids[i][0]) + len(text_ids[i][1])
                 raise DataError(
                     f"prompt {i} is too long for the LLM's context of {ctx} positions: {n_text} text tokens + "
@@ -389,28 +405,57 @@ class FusedModel(PreTrainedModel):
         greedy by default, sampling with ``do_sample=True`` (``temperature``, ``top_p``, ``seed``).
         ``inference``: as for :meth:`prepare`. Extra ``gen_kwargs`` go to transformers' ``GenerationConfig``
         (e.g. ``repetition_penalty``).
+
+        With ``answer_select: confidence`` (inference option) the merged LLM answers greedily once per
+        member subset of :func:`~fuse.model.options.answer_candidates` (every member together, then each
+        member alone) and each sample keeps the answer of highest log-probability (sum over the answer's
+        tokens and its eos): a member whose tokens carry the evidence answers confidently, one that cannot
+        see the property asked about does not. It costs one generation per subset.
         """
         refuse_inference_keywords(gen_kwargs)
         check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
         t0 = time.perf_counter()
         single = isinstance(prompts, str)
-        inputs = self.prepare(images, prompts, template, inference, max_new_tokens)
+        opts = self.options.override(self.member_names, inference)
+        candidates = answer_candidates(opts.answer_select, self.member_names)
+        if len(candidates) > 1 and do_sample:
+            raise FuseError(f"answer_select {opts.answer_select!r} compares greedy answers; it cannot be combined "
+                            "with do_sample=True (pass inference={'answer_select': 'none'} to sample)")
         eos = self.eos_token_ids
         config = generation_config(self.text.tokenizer, eos, max_new_tokens, do_sample, temperature, top_p,
                                    **gen_kwargs)
+        if len(candidates) > 1:
+            config.output_scores, config.return_dict_in_generate = True, True
         if seed is not None:
             torch.manual_seed(seed)
-        t1 = time.perf_counter()
-        out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                                position_ids=inputs.position_ids, generation_config=config,
-                                logits_processor=LogitsProcessorList([FiniteLogits(self.llm.dtype)]))
-        t_gen = time.perf_counter() - t1
-        ids = [cut_at_eos(row.tolist(), eos) for row in out]
+        best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer log-probability so far
+        choice = [0] * len(best)  # per sample: the candidate that gave it (ties keep the earlier one)
+        runs: list[tuple[FusedInputs, list[list[int]]]] = []
+        t_gen, timings = 0.0, {}
+        for c, members in enumerate(candidates):
+            inputs = self.prepare(images, prompts, template, inference, max_new_tokens, members=members)
+            t1 = time.perf_counter()
+            out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                                    position_ids=inputs.position_ids, generation_config=config,
+                                    logits_processor=LogitsProcessorList([FiniteLogits(self.llm.dtype)]))
+            t_gen += time.perf_counter() - t1
+            rows = out.sequences if len(candidates) > 1 else out
+            ids = [cut_at_eos(row.tolist(), eos) for row in rows]
+            runs.append((inputs, ids))
+            for k, v in inputs.timings.items():
+                timings[k] = _add_timing(timings.get(k), v)
+            if len(candidates) > 1:
+                for i, v in enumerate(answer_log_probs(out.scores, out.sequences, ids)):
+                    if v > best[i]:
+                        best[i], choice[i] = v, c
+        ids = [runs[c][1][i] for i, c in enumerate(choice)]
         texts = [self.decode(r) for r in ids]
         if not return_details:
             return texts[0] if single else texts
-        timings = {**inputs.timings, "generate": t_gen, "total": time.perf_counter() - t0}
-        return GenerationResult(texts, ids, inputs.tokens, inputs.assembled.lengths, timings)
+        timings = {**timings, "generate": t_gen, "total": time.perf_counter() - t0}
+        return GenerationResult(texts, ids, [runs[c][0].tokens[i] for i, c in enumerate(choice)],
+                                [runs[c][0].assembled.lengths[i] for i, c in enumerate(choice)], timings,
+                                selected=[list(candidates[c]) for c in choice] if len(candidates) > 1 else None)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; ids beyond the tokenizer (extra embedding rows) are dropped."""
@@ -455,6 +500,15 @@ class FusedModel(PreTrainedModel):
                                                                         max_new_tokens))
             answers = [cut_at_eos(r.tolist(), self.eos_token_ids) for r in out]
         return capture(self, inputs, layer_ids, query, answers)
+
+
+def _add_timing(a: Any, b: Any) -> Any:
+    """Sum two timing entries (seconds, or member -> seconds) over the generations of ``answer_select``."""
+    if a is None:
+        return b
+    if isinstance(b, dict):
+        return {k: a.get(k, 0.0) + v for k, v in b.items()} | {k: v for k, v in a.items() if k not in b}
+    return a + b
 
 
 def load(path: str | os.PathLike, **kwargs: Any) -> FusedModel:

@@ -25,6 +25,7 @@ class GenerationResult:
     tokens: list[dict[str, int]]
     prompt_tokens: list[int]
     timings: dict[str, Any]
+    selected: list[list[str]] | None = None  # answer_select: the members whose tokens gave each answer
 
 
 class FiniteLogits(LogitsProcessor):
@@ -75,6 +76,27 @@ def generation_config(tokenizer: Any, eos: Sequence[int], max_new_tokens: int, d
     return GenerationConfig(**cfg)
 
 
+def answer_log_probs(scores: Sequence[torch.Tensor], sequences: torch.Tensor, answers: Sequence[Sequence[int]]
+                     ) -> list[float]:
+    """Log-probability of each greedy answer under the scores that produced it.
+
+    ``scores``: one ``[B, V]`` tensor per generated step (transformers' ``output_scores``);
+    ``sequences [B, >=T]``: the generated ids (the last ``T`` columns are the new tokens); ``answers``:
+    each row's ids cut at its first eos (:func:`cut_at_eos`). The sum runs over the answer's tokens and
+    the eos that ended it (when there was one), so "stop here" counts as part of the answer.
+    """
+    steps = len(scores)
+    if steps == 0:
+        return [0.0] * len(answers)
+    logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in scores], dim=1)  # [B, T, V]
+    new = sequences[:, -steps:]
+    out = []
+    for i, ans in enumerate(answers):
+        n = min(len(ans) + 1, steps)
+        out.append(float(logp[i, torch.arange(n), new[i, :n]].sum()))
+    return out
+
+
 def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     """``ids`` up to (not including) the first eos id."""
     stop = set(eos)
@@ -84,4 +106,5 @@ def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     return list(ids)
 
 
-__all__ = ["FiniteLogits", "GenerationResult", "check_generation", "cut_at_eos", "generation_config"]
+__all__ = ["FiniteLogits", "GenerationResult", "answer_log_probs", "check_generation", "cut_at_eos",
+           "generation_config"]

@@ -14,6 +14,9 @@ a mapping ``member name -> spec``::
                                       # (or {tokens: 49, layer: 1}: the LLM layer whose attention scores them)
       member_positions: parallel      # sequential (each member's span after the previous one) | parallel
                                       # (every member's span ends where the text after the image starts)
+      answer_select: confidence       # none | confidence (greedy answers with all members' tokens and with
+                                      # each member's alone; the one of highest log-probability is returned)
+                                      # | confidence:members (each member's tokens alone only)
 
 Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
 small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
@@ -66,8 +69,10 @@ class PositionSpec:
         return f"groups:{self.groups}" if self.kind == "groups" else self.kind
 
 
-INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions")
+INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions", "answer_select")
 MEMBER_POSITIONS = ("sequential", "parallel")  # how the members' spans are placed relative to each other
+# which token sets the merged LLM answers with before the most confident answer is kept (generate only)
+ANSWER_SELECT = ("none", "confidence", "confidence:members")
 BUDGET_KINDS = ("all", "pool", "topk")
 POSITION_KINDS = ("sequential", "share", "groups", "rows")
 
@@ -203,6 +208,23 @@ def parse_member_positions(spec: Any, separator: Any = "none",
     return value
 
 
+def parse_answer_select(spec: Any, field_name: str = "inference.answer_select") -> str:
+    """``None`` (none), ``"none"``, ``"confidence"`` or ``"confidence:members"``."""
+    value = "none" if spec is None else spec
+    if value not in ANSWER_SELECT:
+        raise RecipeError(f"{field_name}: expected one of {', '.join(ANSWER_SELECT)}, got {spec!r}")
+    return value
+
+
+def answer_candidates(select: str, names: Sequence[str]) -> list[list[str]]:
+    """The member subsets whose visual tokens the merged LLM answers with under ``select``
+    (:data:`ANSWER_SELECT`): every member together first (``confidence``), then each member alone."""
+    if select == "none":
+        return [list(names)]
+    alone = [[n] for n in names]
+    return alone if select == "confidence:members" or len(names) == 1 else [list(names)] + alone
+
+
 def _known_keys(section: Mapping[str, Any] | None) -> dict[str, Any]:
     section = dict(section or {})
     unknown = sorted(set(section) - set(INFERENCE_KEYS))
@@ -220,6 +242,7 @@ class InferenceOptions:
     separator: str | int = "none"  # "none" | "member" | token id inserted between members
     total: TotalBudget | None = None
     member_positions: str = "sequential"  # one of MEMBER_POSITIONS (fuse.model.assembly.sample_positions)
+    answer_select: str = "none"  # one of ANSWER_SELECT (FusedModel.generate)
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
@@ -234,16 +257,19 @@ class InferenceOptions:
                    positions=_per_member(section.get("positions"), names, parse_positions, "inference.positions",
                                          "sequential"),
                    separator=sep, total=parse_total(section.get("max_visual_tokens")),
-                   member_positions=parse_member_positions(section.get("member_positions"), sep))
+                   member_positions=parse_member_positions(section.get("member_positions"), sep),
+                   answer_select=parse_answer_select(section.get("answer_select")))
 
     def override(self, names: Sequence[str], overrides: Mapping[str, Any] | None = None) -> "InferenceOptions":
         """A copy with what ``overrides`` gives replaced: the keys and values of an ``inference`` section
-        (``token_budget``, ``positions``, ``separator``, ``max_visual_tokens``, ``member_positions``; a
-        ``{member: spec}`` mapping replaces those members
+        (``token_budget``, ``positions``, ``separator``, ``max_visual_tokens``, ``member_positions``,
+        ``answer_select``; a ``{member: spec}`` mapping replaces those members
         only; None keeps the current value)."""
         overrides = _known_keys(overrides)
         out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total,
-                               self.member_positions)
+                               self.member_positions, self.answer_select)
+        if overrides.get("answer_select") is not None:
+            out.answer_select = parse_answer_select(overrides["answer_select"], "answer_select")
         if overrides.get("max_visual_tokens") is not None:
             out.total = parse_total(overrides["max_visual_tokens"], "max_visual_tokens")
         if overrides.get("token_budget") is not None:
@@ -261,7 +287,8 @@ class InferenceOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
-                "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions}
+                "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions,
+                "answer_select": self.answer_select}
 
 
 def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:

@@ -212,3 +212,62 @@ def test_parallel_member_positions_bad_values(two, inference, match):
 
     with pytest.raises(RecipeError, match=match):
         two[3].prepare([random_image(1)], [PROMPTS[0]], inference=inference)
+
+
+def _greedy_by_hand(fused, inputs, max_new_tokens: int) -> tuple[list[int], float]:
+    """Reference for answer_select: one sample, no cache, no transformers generate: argmax step by step,
+    summing log-softmax of each chosen token up to and including the first eos."""
+    emb, pos = inputs.inputs_embeds, inputs.position_ids
+    E = fused.llm.get_input_embeddings()
+    ids, total = [], 0.0
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logp = torch.log_softmax(fused.llm(inputs_embeds=emb, position_ids=pos).logits[0, -1].float(), -1)
+            t = int(logp.argmax())
+            total += float(logp[t])
+            if t in fused.eos_token_ids:
+                break
+            ids.append(t)
+            emb = torch.cat([emb, E(torch.tensor([[t]]))], dim=1)
+            pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+    return ids, total
+
+
+@pytest.mark.parametrize("select, subsets", [("confidence", "all+alone"), ("confidence:members", "alone")])
+def test_answer_select_keeps_the_most_confident_answer(two, select, subsets):
+    """answer_select: each sample's answer is the greedy answer (of all members' tokens, or of one member's
+    alone) with the highest log-probability, checked against a step-by-step greedy loop on prepare(members=...)."""
+    _, ma, mb, fused = two
+    alone = [[ma.name], [mb.name]]
+    cands = ([[ma.name, mb.name]] if subsets == "all+alone" else []) + alone
+    imgs = [random_image(20 + i, (52, 52)) for i in range(3)]
+    got = fused.generate(imgs, PROMPTS, max_new_tokens=5, inference={"answer_select": select}, return_details=True)
+    for i, (img, prompt) in enumerate(zip(imgs, PROMPTS)):
+        ref = [_greedy_by_hand(fused, fused.prepare([img], [prompt], members=c), 5) for c in cands]
+        k = max(range(len(cands)), key=lambda j: (ref[j][1], -j))
+        assert got.token_ids[i] == ref[k][0] and got.selected[i] == cands[k]
+        assert got.tokens[i] == {n: 16 for n in cands[k]}
+    plain = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True)
+    assert plain.selected is None
+
+
+def test_prepare_members_subset_is_that_member_alone(two):
+    """prepare(members=[a]) builds what a fused model of the text member a alone (same LLM) builds."""
+    _, ma, mb, fused = two
+    img = random_image(30, (52, 52))
+    solo = FusedModel.from_members([ma], llm=fused.llm)
+    a, b = fused.prepare([img], [PROMPTS[1]], members=[ma.name]), solo.prepare([img], [PROMPTS[1]])
+    assert torch.equal(a.inputs_embeds, b.inputs_embeds) and torch.equal(a.position_ids, b.position_ids)
+    assert a.tokens == [{ma.name: 16}] and a.spans[0].keys() == b.spans[0].keys()
+
+
+def test_answer_select_bad_values(two):
+    from fuse.errors import FuseError, RecipeError
+
+    fused, img = two[3], random_image(1)
+    with pytest.raises(RecipeError, match="confidence"):
+        fused.generate([img], [PROMPTS[0]], max_new_tokens=2, inference={"answer_select": "vote"})
+    with pytest.raises(FuseError, match="do_sample"):
+        fused.generate([img], [PROMPTS[0]], max_new_tokens=2, do_sample=True, inference={"answer_select": "confidence"})
+    with pytest.raises(FuseError, match="subset"):
+        fused.prepare([img], [PROMPTS[0]], members=["nobody"])
