@@ -135,7 +135,8 @@ def budget_inference(budget: str) -> dict[str, Any]:
 def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLike = ASSETS, seed: int | None = None,
             limit: int | None = DEFAULT_LIMIT, methods: Sequence[str] = METHODS, budget: str | None = BUDGET,
             models: Sequence[str] | None = None, batch_size: int = EVAL["batch_size"], echo=print,
-            progress: bool = False, plot: bool = True, force: bool = False) -> dict[str, Any]:
+            progress: bool = False, plot: bool = True, force: bool = False, select: str | None = None
+            ) -> dict[str, Any]:
     """Merge the toy family (each method), evaluate members, fused models and COMM on a test split.
 
     ``seed``: None = the family's own test split (the world it was trained on, the "shipped" split);
@@ -143,6 +144,8 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     Writes ``out/test`` (the split), ``out/fused-<tag>`` (merge outputs), ``out/compare.json`` and
     (``plot``) ``out/compare.png``; returns the JSON document (``rows``: model -> :data:`COLUMNS`
     figures; ``summary``: best member, fused gain over it, share of the gain kept with the budget).
+    ``select``: an ``answer_select`` mode (:data:`fuse.model.options.ANSWER_SELECT`) for an extra
+    task_arithmetic row ``fused:task_arithmetic+<select>``, summarised like the default fused row.
     Everything is written to a temp dir renamed to ``out`` at the end; an existing ``out`` needs ``force``
     (and is replaced only if an earlier run of this toolkit wrote it); paths in the document name ``out``.
     """
@@ -150,7 +153,7 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     from .output_dir import atomic_output_dir
 
     with atomic_output_dir(out, force=force) as tmp:
-        doc = _compare(tmp, Path(family), seed, limit, methods, budget, models, batch_size, echo, progress)
+        doc = _compare(tmp, Path(family), seed, limit, methods, budget, models, batch_size, echo, progress, select)
         doc["test"] = str(Path(out) / "test")
         if plot and doc["rows"]:
             plot_compare(doc, tmp / "compare.png")
@@ -160,7 +163,8 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
 
 
 def _compare(out: Path, family: Path, seed: int | None, limit: int | None, methods: Sequence[str],
-             budget: str | None, models: Sequence[str] | None, batch_size: int, echo, progress: bool) -> dict[str, Any]:
+             budget: str | None, models: Sequence[str] | None, batch_size: int, echo, progress: bool,
+             select: str | None = None) -> dict[str, Any]:
     from .merge import run_merge
 
     t_all = time.perf_counter()
@@ -171,6 +175,8 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
     fused_specs = [(f"fused:{m}", m, None) for m in methods]
     if budget and "task_arithmetic" in methods:
         fused_specs.append((f"fused:task_arithmetic+{budget}", "task_arithmetic", budget_inference(budget)))
+    if select and select != "none" and "task_arithmetic" in methods:
+        fused_specs.append((f"fused:task_arithmetic+{select}", "task_arithmetic", {"answer_select": select}))
     merge_s = 0.0
     for label, method, inference in fused_specs:
         if models is not None and label not in models:
@@ -192,7 +198,8 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
         echo(format_row(label, rows[label]))
     doc = {"family": str(family), "test": str(test), "test_seed": test_seed, "shipped_split": test_seed == shipped,
            "limit_per_part": limit, "eval": {**EVAL, "batch_size": batch_size}, "ties_density": TIES_DENSITY,
-           "budget": budget, "columns": list(COLUMNS), "rows": rows, "summary": summary(rows, budget, units),
+           "budget": budget, "select": select, "columns": list(COLUMNS), "rows": rows,
+           "summary": summary(rows, budget, units, select=select),
            "merge_seconds": round(merge_s, 2), "total_seconds": round(time.perf_counter() - t_all, 1)}
     return doc
 
@@ -214,12 +221,13 @@ def evaluate_model(path: str | os.PathLike, test: str | os.PathLike, label: str,
 
 def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
             units: dict[str, dict[str, list[float]]] | None = None, members: Sequence[str] = MEMBERS,
-            fused_label: str = "fused:task_arithmetic") -> dict[str, Any]:
+            fused_label: str = "fused:task_arithmetic", select: str | None = None) -> dict[str, Any]:
     """Best member by ``mean``; the default fused model's gain over it, per-skill ratios to the best
     member on that skill, and the share of the gain the budgeted fused model keeps. With ``units``
     (:func:`score_units` per row): ``gain_interval``, a paired-bootstrap interval of the gain
     (:data:`BOOTSTRAP`), so a user can tell a gain from the noise of a few hundred questions.
-    ``members`` / ``fused_label``: the rows compared (another family's members, another fused row)."""
+    ``members`` / ``fused_label``: the rows compared (another family's members, another fused row).
+    ``select``: the row ``<fused_label>+<select>`` gets the same summary under ``"select"``."""
     members = [n for n in members if n in rows]
     fused = rows.get(fused_label)
     if not members or fused is None:
@@ -244,6 +252,8 @@ def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
     if b is not None:
         out["budget_gain"] = b["mean"] - rows[best]["mean"]
         out["budget_gain_kept"] = out["budget_gain"] / gain if gain > 0 else None
+    if select and f"{fused_label}+{select}" in rows:
+        out["select"] = summary(rows, None, units, members, f"{fused_label}+{select}")
     return out
 
 
@@ -284,7 +294,7 @@ def plot_compare(doc: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def format_header() -> str:
-    return f"{'model':34s} " + " ".join(f"{c[:11]:>11s}" for c in COLUMNS)
+    return f"{'model':40s} " + " ".join(f"{c[:11]:>11s}" for c in COLUMNS)
 
 
 def format_row(label: str, row: dict[str, Any]) -> str:
@@ -293,7 +303,7 @@ def format_row(label: str, row: dict[str, Any]) -> str:
         v = row.get(c)
         cells.append(f"{v:11.1f}" if c == "samples_per_s" and v is not None else
                      f"{v:11.3f}" if isinstance(v, float) else f"{str(v):>11s}")
-    return f"{label:34s} " + " ".join(cells)
+    return f"{label:40s} " + " ".join(cells)
 
 
 def format_summary(doc: dict[str, Any]) -> list[str]:
@@ -314,6 +324,13 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
         if kept is not None:
             note = f" ({100 * kept:.0f}% of the gain kept)" if sm["budget_gain"] > 0 else " (none of the gain kept)"
         lines.append(f"with token budget {doc.get('budget')}: gain {sm['budget_gain']:+.3f}{note}")
+    sel = sm.get("select")
+    if sel:
+        ci = sel.get("gain_interval")
+        ci_text = f" ({100 * ci['level']:.0f}% interval {ci['low']:+.3f} .. {ci['high']:+.3f})" if ci else ""
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in sel["skill_ratio"].items() if v is not None)
+        lines.append(f"with answer_select {doc.get('select')}: mean {sel['fused_mean']:.3f}, gain {sel['gain']:+.3f}"
+                     f"{ci_text}; per skill {ratios}")
     return lines
 
 

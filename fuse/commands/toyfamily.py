@@ -32,11 +32,15 @@ def register(group: click.Group) -> None:
     @click.option("--budget", default="total:49", show_default=True,
                   help="Token budget of the extra task_arithmetic row: total:N[@layer] (all members together, "
                        "kept by the question's attention), a per-member spec (pool:2, topk:24) or 'none'.")
+    @click.option("--select", default="none", show_default=True,
+                  help="Add a task_arithmetic row with this answer_select mode: confidence (greedy answers with all "
+                       "members' tokens and with each member's alone, the most probable kept), confidence:members "
+                       "(each member's tokens alone only) or 'none'.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")
     @click.option("--force", is_flag=True, help="Replace OUT if an earlier `compare` wrote it.")
-    def compare_cmd(out, family, seed, limit, all_questions, methods, budget, batch_size, json_path, force):
+    def compare_cmd(out, family, seed, limit, all_questions, methods, budget, select, batch_size, json_path, force):
         """Merge the toy family (task_arithmetic, ties, linear), then evaluate each member alone, the fused
         models, the fused model with a token budget, and the COMM model on a toy test split.
 
@@ -60,10 +64,13 @@ def register(group: click.Group) -> None:
         bad = [m for m in ms if m not in MERGE_METHODS]
         if bad or not ms:
             raise FuseError(f"--methods: {', '.join(bad) or '(empty)'} not among {', '.join(MERGE_METHODS)}")
+        from ..model.options import parse_answer_select
+
+        parse_answer_select(select, "--select")
         t0 = time.perf_counter()
         doc = compare(out, family=fam, seed=seed, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
                       budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,
-                      force=force)
+                      force=force, select=select)
         if json_path:
             write_results(doc, json_path)
         for line in format_summary(doc):

@@ -159,11 +159,18 @@ def test_compare_on_a_fresh_world(tmp_path):
 
     out = tmp_path / "cmp"
     res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(out), "--limit", "2", "--seed", "101",
-                                    "--methods", "task_arithmetic", "--budget", "none"])
+                                    "--methods", "task_arithmetic", "--budget", "none",
+                                    "--select", "confidence:members"])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "compare.json").read_text())
     assert doc["test_seed"] == 101 and not doc["shipped_split"]
-    assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", "comm"]
+    sel = "fused:task_arithmetic+confidence:members"
+    assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", sel, "comm"]
+    cfg = json.loads((out / "fused-task_arithmetic_confidencemembers" / "fuse_config.json").read_text())
+    assert cfg["inference"] == {**RECIPE["inference"], "answer_select": "confidence:members"}
+    sm = doc["summary"]["select"]
+    assert sm["gain"] == pytest.approx(doc["rows"][sel]["mean"] - doc["rows"][sm["best_member"]]["mean"])
+    assert "with answer_select confidence:members" in res.output
     own = write_test_split(tmp_path / "own", FIGURES["seed"])
     assert (out / "test" / "images" / "1.png").read_bytes() != (own / "images" / "1.png").read_bytes()
     assert "seed 101" in res.output
@@ -176,6 +183,9 @@ def test_compare_rejects_unknown_method(tmp_path):
 
     res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--methods", "bogus"])
     assert res.exit_code == 2 and "bogus" in res.output
+    assert not (tmp_path / "x").exists()
+    res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--select", "vote"])
+    assert res.exit_code == 2 and "--select" in res.output and "confidence" in res.output
     assert not (tmp_path / "x").exists()
 
 
