@@ -67,6 +67,8 @@ def register(group: click.Group) -> None:
         from ..model.options import parse_answer_select
 
         parse_answer_select(select, "--select")
+        if select != "none" and "task_arithmetic" not in ms:
+            raise FuseError(f"--select {select}: its row is a task_arithmetic merge; add task_arithmetic to --methods")
         t0 = time.perf_counter()
         doc = compare(out, family=fam, seed=seed, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,
                       budget=None if budget.lower() == "none" else budget, batch_size=batch_size, echo=click.echo,

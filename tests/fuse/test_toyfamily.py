@@ -187,6 +187,10 @@ def test_compare_rejects_unknown_method(tmp_path):
     res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--select", "vote"])
     assert res.exit_code == 2 and "--select" in res.output and "confidence" in res.output
     assert not (tmp_path / "x").exists()
+    res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(tmp_path / "x"), "--select", "confidence",
+                                    "--methods", "ties"])
+    assert res.exit_code == 2 and "task_arithmetic" in res.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_score_units_reproduce_the_table_figures(test_split):
