@@ -100,8 +100,13 @@ def test_engine_matches_one_process_and_resumes_exactly(engine, tmp_path, toy_cf
     ref = load_file(str(one_process.final_dir / "model.safetensors"))
     got = load_file(str(tmp_path / "a/final/model.safetensors"))
     assert got.keys() == ref.keys()
+    # weights: within 1% of one Adam step (lr per element). The sharded run sums gradients in another order,
+    # and Adam turns those float32 rounding differences into weight differences of up to 2.3e-5 after 3 steps
+    # (ZeRO-3, measured on an AMD EPYC host; 1e-5 passed on another host and failed there). A sharding bug
+    # moves them by steps: the same run on half the batch (what a rank that misses the other's gradients
+    # trains on) ends up to 0.04 away, with 132,703 weights more than 1e-4 away.
     for k in ref:
-        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-2 * RUN["lr"])
 
     # the checkpoint is sharded: one optimizer shard per rank (DeepSpeed: zero_pp_rank_R_*optim_states.pt;
     # FSDP: DCP files __R_0.distcp under optimizer_0/)
