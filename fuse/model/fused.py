@@ -445,7 +445,7 @@ class FusedModel(PreTrainedModel):
             for k, v in inputs.timings.items():
                 timings[k] = _add_timing(timings.get(k), v)
             if len(candidates) > 1:
-                for i, v in enumerate(answer_log_probs(out.scores, out.sequences, ids)):
+                for i, v in enumerate(answer_log_probs(self.llm, out, ids)):
                     if v > best[i]:
                         best[i], choice[i] = v, c
         ids = [runs[c][1][i] for i, c in enumerate(choice)]

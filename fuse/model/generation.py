@@ -76,25 +76,19 @@ def generation_config(tokenizer: Any, eos: Sequence[int], max_new_tokens: int, d
     return GenerationConfig(**cfg)
 
 
-def answer_log_probs(scores: Sequence[torch.Tensor], sequences: torch.Tensor, answers: Sequence[Sequence[int]]
-                     ) -> list[float]:
+def answer_log_probs(llm: Any, out: Any, answers: Sequence[Sequence[int]]) -> list[float]:
     """Log-probability of each greedy answer under the scores that produced it.
 
-    ``scores``: one ``[B, V]`` tensor per generated step (transformers' ``output_scores``);
-    ``sequences [B, >=T]``: the generated ids (the last ``T`` columns are the new tokens); ``answers``:
-    each row's ids cut at its first eos (:func:`cut_at_eos`). The sum runs over the answer's tokens and
-    the eos that ended it (when there was one), so "stop here" counts as part of the answer.
+    ``out``: transformers' ``generate`` output with ``output_scores`` and ``return_dict_in_generate``;
+    ``answers``: each row's ids cut at its first eos (:func:`cut_at_eos`). Per-step log-probabilities come
+    from transformers' ``compute_transition_scores`` (log-softmax of each step's scores at the chosen id);
+    the sum runs over the answer's tokens and the eos that ended it (when there was one), so "stop here"
+    counts as part of the answer.
     """
-    steps = len(scores)
-    if steps == 0:
+    if not out.scores:
         return [0.0] * len(answers)
-    logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in scores], dim=1)  # [B, T, V]
-    new = sequences[:, -steps:]
-    out = []
-    for i, ans in enumerate(answers):
-        n = min(len(ans) + 1, steps)
-        out.append(float(logp[i, torch.arange(n), new[i, :n]].sum()))
-    return out
+    steps = llm.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float()  # [B, T]
+    return [float(steps[i, :min(len(ans) + 1, steps.shape[1])].sum()) for i, ans in enumerate(answers)]
 
 
 def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
