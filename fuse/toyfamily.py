@@ -162,6 +162,18 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     return doc
 
 
+def select_inference(select: str) -> dict[str, Any]:
+    """The ``inference`` section of ``compare``'s ``--select`` row: that ``answer_select`` mode; the pmi
+    modes score against the toy world's empty scene (a flat image of its background colour), the
+    content-free image of this world."""
+    from .toyworld import BACKGROUND
+
+    out: dict[str, Any] = {"answer_select": select}
+    if select.partition(":")[0] == "pmi":
+        out["null_image"] = "#%02x%02x%02x" % BACKGROUND
+    return out
+
+
 def _compare(out: Path, family: Path, seed: int | None, limit: int | None, methods: Sequence[str],
              budget: str | None, models: Sequence[str] | None, batch_size: int, echo, progress: bool,
              select: str | None = None) -> dict[str, Any]:
@@ -176,7 +188,7 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
     if budget and "task_arithmetic" in methods:
         fused_specs.append((f"fused:task_arithmetic+{budget}", "task_arithmetic", budget_inference(budget)))
     if select and select != "none" and "task_arithmetic" in methods:
-        fused_specs.append((f"fused:task_arithmetic+{select}", "task_arithmetic", {"answer_select": select}))
+        fused_specs.append((f"fused:task_arithmetic+{select}", "task_arithmetic", select_inference(select)))
     merge_s = 0.0
     for label, method, inference in fused_specs:
         if models is not None and label not in models:

@@ -8,6 +8,7 @@ import time
 import click
 
 from ..errors import FuseError
+from ..model.options import ANSWER_SELECT
 
 
 def _member_specs(values: tuple[str, ...], option: str):
@@ -51,10 +52,14 @@ def register(group: click.Group) -> None:
     @click.option("--member-positions", type=click.Choice(["sequential", "parallel"]), default=None,
                   help="parallel: every member's span ends where the text after the image starts (default: the "
                        "model's inference settings).")
-    @click.option("--answer-select", type=click.Choice(["none", "confidence", "confidence:members"]), default=None,
+    @click.option("--answer-select", type=click.Choice(list(ANSWER_SELECT)), default=None,
                   help="confidence: answer with all members' tokens and with each member's alone, keep the most "
-                       "probable answer (confidence:members: each member's alone only; default: the model's "
-                       "inference settings).")
+                       "probable answer (confidence:members: each member's alone only); pmi / pmi:members: the "
+                       "same answers, each scored by its log-probability minus that given a flat --null-image "
+                       "(default: the model's inference settings).")
+    @click.option("--null-image", default=None, metavar="#RRGGBB",
+                  help="The content-free image of the pmi modes, a flat colour (default: the model's inference "
+                       "settings, else #000000).")
     @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
     @click.option("--temperature", default=1.0, show_default=True, type=float)
     @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -68,7 +73,8 @@ def register(group: click.Group) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print answer, tokens per member and timings as JSON.")
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
-                 separator: str | None, member_positions: str | None, answer_select: str | None, sample: bool,
+                 separator: str | None, member_positions: str | None, answer_select: str | None, null_image: str | None,
+                 sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
                  device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
@@ -97,7 +103,7 @@ def register(group: click.Group) -> None:
                                          "separator": _separator(separator),
                                          "max_visual_tokens": max_visual_tokens,
                                          "member_positions": member_positions,
-                                         "answer_select": answer_select},
+                                         "answer_select": answer_select, "null_image": null_image},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)

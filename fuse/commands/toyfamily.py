@@ -35,7 +35,8 @@ def register(group: click.Group) -> None:
     @click.option("--select", default="none", show_default=True,
                   help="Add a task_arithmetic row with this answer_select mode: confidence (greedy answers with all "
                        "members' tokens and with each member's alone, the most probable kept), confidence:members "
-                       "(each member's tokens alone only) or 'none'.")
+                       "(each member's tokens alone only), pmi / pmi:members (the same answers scored by their "
+                       "log-probability minus that given the world's empty scene) or 'none'.")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")

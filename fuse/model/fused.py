@@ -17,7 +17,8 @@ For each (image, prompt) pair:
    on every member's eos ids (:mod:`fuse.model.generation`); transformers' ``generate`` keeps custom
    position ids growing from the last prompt position);
 6. optionally (``inference.answer_select``) steps 4-5 run once per member subset and each sample keeps the
-   greedy answer of highest log-probability (:meth:`FusedModel.generate`).
+   greedy answer of highest score: its log-probability, or (``pmi``) that minus its log-probability given
+   a content-free image (:meth:`FusedModel.generate`).
 
 Build one with :meth:`FusedModel.from_pretrained` (a ``fuse merge`` output directory) or
 :meth:`FusedModel.from_members` (loaded :class:`~fuse.members.Member` objects + an LLM; a single
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 
@@ -48,8 +50,8 @@ from .attention import AttentionCapture, capture, decoder_layers, last_position_
 from .budget import BudgetResult, select_total
 from .config import FusedConfig
 from .encoding import encode_images
-from .generation import (FiniteLogits, GenerationResult, answer_log_probs, check_generation, cut_at_eos,
-                         generation_config)
+from .generation import (FiniteLogits, GenerationResult, answer_log_probs, check_generation,
+                         continuation_log_probs, cut_at_eos, generation_config, with_stop)
 from .loading import (HUB_KWARGS, fused_text_side, load_branches, load_llm, member_dirs, read_fused_config,
                       save_fused_model)
 from .options import InferenceOptions, answer_candidates, refuse_inference_keywords
@@ -411,6 +413,14 @@ class FusedModel(PreTrainedModel):
         member alone) and each sample keeps the answer of highest log-probability (sum over the answer's
         tokens and its eos): a member whose tokens carry the evidence answers confidently, one that cannot
         see the property asked about does not. It costs one generation per subset.
+
+        ``answer_select: pmi`` scores each subset's answer by how much the image itself raised it:
+        ``log p(a | subset's tokens of the image) - log p(a | subset's tokens of a flat null_image)``, the
+        pointwise mutual information of answer and image under that subset. A member blind to what is asked
+        answers from the question alone, as confidently on the blank image, and scores near 0; its
+        confidence is no longer mistaken for evidence (the content-free calibration of Zhao et al. 2021,
+        "Calibrate Before Use", Sec. 4, with an image as the content-free input). It costs one more forward
+        pass per subset.
         """
         refuse_inference_keywords(gen_kwargs)
         check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
@@ -428,7 +438,11 @@ class FusedModel(PreTrainedModel):
             config.output_scores, config.return_dict_in_generate = True, True
         if seed is not None:
             torch.manual_seed(seed)
-        best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer log-probability so far
+        pmi = opts.answer_select.partition(":")[0] == "pmi"
+        if pmi:  # one flat null image per sample, of that sample's size (branches that tile by size tile it alike)
+            images = [load_image(im) for im in _as_list(images)]
+            blank = [Image.new("RGB", im.size, opts.null_image) for im in images]
+        best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer score so far
         choice = [0] * len(best)  # per sample: the candidate that gave it (ties keep the earlier one)
         runs: list[tuple[FusedInputs, list[list[int]]]] = []
         t_gen, timings = 0.0, {}
@@ -445,7 +459,14 @@ class FusedModel(PreTrainedModel):
             for k, v in inputs.timings.items():
                 timings[k] = _add_timing(timings.get(k), v)
             if len(candidates) > 1:
-                for i, v in enumerate(answer_log_probs(self.llm, out, ids)):
+                scores = answer_log_probs(self.llm, out, ids)
+                if pmi:
+                    null = self.prepare(blank, prompts, template, inference, max_new_tokens, members=members)
+                    given_null = continuation_log_probs(self.llm, null.inputs_embeds, null.attention_mask,
+                                                        null.position_ids,
+                                                        [with_stop(r.tolist(), a) for r, a in zip(rows, ids)])
+                    scores = [v - n for v, n in zip(scores, given_null)]
+                for i, v in enumerate(scores):
                     if v > best[i]:
                         best[i], choice[i] = v, c
         ids = [runs[c][1][i] for i, c in enumerate(choice)]

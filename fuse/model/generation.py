@@ -91,6 +91,41 @@ def answer_log_probs(llm: Any, out: Any, answers: Sequence[Sequence[int]]) -> li
     return [float(steps[i, :min(len(ans) + 1, steps.shape[1])].sum()) for i, ans in enumerate(answers)]
 
 
+@torch.no_grad()
+def continuation_log_probs(llm: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                           position_ids: torch.Tensor, continuations: Sequence[Sequence[int]]) -> list[float]:
+    """Log-probability of given token continuations (teacher forcing), one per row of a left-padded input.
+
+    ``inputs_embeds [B, L, D]`` / ``attention_mask [B, L]`` / ``position_ids [B, L]``: an assembled prompt
+    (as :meth:`FusedModel.prepare <fuse.model.FusedModel.prepare>` builds it); ``continuations``: B lists of
+    ids, each scored right after its prompt (the eos that ended an answer included, as
+    :func:`answer_log_probs` counts it). The continuations are appended on the right (shorter ones padded
+    and masked), their positions continue each row's last position id, and one forward pass gives
+    ``sum_t log p(c_t | prompt, c_<t)`` per row: the same figure greedy generation would have scored for
+    that answer, under any other prompt.
+    """
+    B, L = attention_mask.shape
+    T = max((len(c) for c in continuations), default=0)
+    if T == 0:
+        return [0.0] * B
+    target = torch.full((B, T), -1, dtype=torch.long, device=attention_mask.device)
+    for i, c in enumerate(continuations):
+        target[i, :len(c)] = torch.tensor(list(c), dtype=torch.long)
+    feed = target[:, :T - 1].clamp(min=0)  # the last target is predicted, never fed
+    embeds = torch.cat([inputs_embeds, llm.get_input_embeddings()(feed).to(inputs_embeds.dtype)], 1)
+    mask = torch.cat([attention_mask, (target[:, :T - 1] >= 0).to(attention_mask.dtype)], 1)
+    steps = torch.arange(1, T, dtype=position_ids.dtype, device=position_ids.device)
+    positions = torch.cat([position_ids, position_ids[:, -1:] + steps[None]], 1)
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, L - 1:].float()
+    scores = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [B, T]
+    return scores.masked_fill(target < 0, 0.0).sum(-1).tolist()
+
+
+def with_stop(row: Sequence[int], answer: Sequence[int]) -> list[int]:
+    """``answer`` (``row`` cut at its first eos) plus that eos id when generation ended on one."""
+    return list(answer) + ([int(row[len(answer)])] if len(row) > len(answer) else [])
+
+
 def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     """``ids`` up to (not including) the first eos id."""
     stop = set(eos)
@@ -100,5 +135,5 @@ def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:
     return list(ids)
 
 
-__all__ = ["FiniteLogits", "GenerationResult", "answer_log_probs", "check_generation", "cut_at_eos",
-           "generation_config"]
+__all__ = ["FiniteLogits", "GenerationResult", "answer_log_probs", "check_generation", "continuation_log_probs",
+           "cut_at_eos", "generation_config", "with_stop"]

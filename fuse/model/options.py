@@ -17,6 +17,9 @@ a mapping ``member name -> spec``::
       answer_select: confidence       # none | confidence (greedy answers with all members' tokens and with
                                       # each member's alone; the one of highest log-probability is returned)
                                       # | confidence:members (each member's tokens alone only)
+                                      # | pmi | pmi:members (the same candidates, each scored by its
+                                      # log-probability minus that on a content-free image, null_image)
+      null_image: "#000000"           # the content-free image of the pmi modes: a flat colour, #rrggbb
 
 Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
 small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
@@ -69,10 +72,14 @@ class PositionSpec:
         return f"groups:{self.groups}" if self.kind == "groups" else self.kind
 
 
-INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions", "answer_select")
+INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions", "answer_select",
+                  "null_image")
 MEMBER_POSITIONS = ("sequential", "parallel")  # how the members' spans are placed relative to each other
-# which token sets the merged LLM answers with before the most confident answer is kept (generate only)
-ANSWER_SELECT = ("none", "confidence", "confidence:members")
+# which token sets the merged LLM answers with before the best-scored answer is kept (generate only):
+# "<score>[:members]", score = confidence (the answer's log-probability) or pmi (minus its log-probability
+# given the same members' tokens of a content-free image, ``null_image``)
+ANSWER_SELECT = ("none", "confidence", "confidence:members", "pmi", "pmi:members")
+NULL_IMAGE = "#000000"  # default content-free image of the pmi modes: a flat black image
 BUDGET_KINDS = ("all", "pool", "topk")
 POSITION_KINDS = ("sequential", "share", "groups", "rows")
 
@@ -209,20 +216,31 @@ def parse_member_positions(spec: Any, separator: Any = "none",
 
 
 def parse_answer_select(spec: Any, field_name: str = "inference.answer_select") -> str:
-    """``None`` (none), ``"none"``, ``"confidence"`` or ``"confidence:members"``."""
+    """``None`` (none) or one of :data:`ANSWER_SELECT`."""
     value = "none" if spec is None else spec
     if value not in ANSWER_SELECT:
         raise RecipeError(f"{field_name}: expected one of {', '.join(ANSWER_SELECT)}, got {spec!r}")
     return value
 
 
+def parse_null_image(spec: Any, field_name: str = "inference.null_image") -> tuple[int, int, int]:
+    """``None`` (:data:`NULL_IMAGE`) or a colour ``"#rrggbb"`` -> (r, g, b)."""
+    value = NULL_IMAGE if spec is None else spec
+    try:
+        if not (isinstance(value, str) and len(value) == 7 and value[0] == "#"):
+            raise ValueError
+        return tuple(int(value[k:k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]
+    except ValueError:
+        raise RecipeError(f"{field_name}: expected a colour '#rrggbb' (e.g. '#000000'), got {spec!r}") from None
+
+
 def answer_candidates(select: str, names: Sequence[str]) -> list[list[str]]:
     """The member subsets whose visual tokens the merged LLM answers with under ``select``
-    (:data:`ANSWER_SELECT`): every member together first (``confidence``), then each member alone."""
+    (:data:`ANSWER_SELECT`): every member together first (``confidence``, ``pmi``), then each member alone."""
     if select == "none":
         return [list(names)]
     alone = [[n] for n in names]
-    return alone if select == "confidence:members" or len(names) == 1 else [list(names)] + alone
+    return alone if select.endswith(":members") or len(names) == 1 else [list(names)] + alone
 
 
 def _known_keys(section: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -243,6 +261,7 @@ class InferenceOptions:
     total: TotalBudget | None = None
     member_positions: str = "sequential"  # one of MEMBER_POSITIONS (fuse.model.assembly.sample_positions)
     answer_select: str = "none"  # one of ANSWER_SELECT (FusedModel.generate)
+    null_image: tuple[int, int, int] = (0, 0, 0)  # flat colour the pmi modes score against (parse_null_image)
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
@@ -258,18 +277,21 @@ class InferenceOptions:
                                          "sequential"),
                    separator=sep, total=parse_total(section.get("max_visual_tokens")),
                    member_positions=parse_member_positions(section.get("member_positions"), sep),
-                   answer_select=parse_answer_select(section.get("answer_select")))
+                   answer_select=parse_answer_select(section.get("answer_select")),
+                   null_image=parse_null_image(section.get("null_image")))
 
     def override(self, names: Sequence[str], overrides: Mapping[str, Any] | None = None) -> "InferenceOptions":
         """A copy with what ``overrides`` gives replaced: the keys and values of an ``inference`` section
         (``token_budget``, ``positions``, ``separator``, ``max_visual_tokens``, ``member_positions``,
-        ``answer_select``; a ``{member: spec}`` mapping replaces those members
+        ``answer_select``, ``null_image``; a ``{member: spec}`` mapping replaces those members
         only; None keeps the current value)."""
         overrides = _known_keys(overrides)
         out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total,
-                               self.member_positions, self.answer_select)
+                               self.member_positions, self.answer_select, self.null_image)
         if overrides.get("answer_select") is not None:
             out.answer_select = parse_answer_select(overrides["answer_select"], "answer_select")
+        if overrides.get("null_image") is not None:
+            out.null_image = parse_null_image(overrides["null_image"], "null_image")
         if overrides.get("max_visual_tokens") is not None:
             out.total = parse_total(overrides["max_visual_tokens"], "max_visual_tokens")
         if overrides.get("token_budget") is not None:
@@ -288,7 +310,7 @@ class InferenceOptions:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
                 "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions,
-                "answer_select": self.answer_select}
+                "answer_select": self.answer_select, "null_image": "#%02x%02x%02x" % self.null_image}
 
 
 def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:

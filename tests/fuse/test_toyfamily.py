@@ -176,6 +176,24 @@ def test_compare_on_a_fresh_world(tmp_path):
     assert "seed 101" in res.output
 
 
+def test_select_row_of_pmi_scores_against_the_empty_scene(tmp_path):
+    """compare --select pmi[:members]: the null image is the toy world's own empty scene (its background
+    colour, what every image shows where there is no object); confidence modes need none."""
+    import random
+
+    from fuse.model.options import InferenceOptions
+    from fuse.toyfamily import family_recipe, select_inference
+    from fuse.toyworld import BACKGROUND, random_scene, render
+
+    inf = select_inference("pmi:members")
+    assert inf == {"answer_select": "pmi:members", "null_image": "#%02x%02x%02x" % BACKGROUND}
+    assert select_inference("confidence") == {"answer_select": "confidence"}
+    recipe = family_recipe(inference=inf, out=tmp_path / "f")
+    opts = InferenceOptions.parse(recipe.inference, ["colour", "spatial"])
+    assert opts.answer_select == "pmi:members" and opts.null_image == BACKGROUND
+    assert render(random_scene(random.Random(0))).getpixel((0, 0)) == BACKGROUND  # a scene's empty corner
+
+
 def test_compare_rejects_unknown_method(tmp_path):
     from click.testing import CliRunner
 

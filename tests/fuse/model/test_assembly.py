@@ -214,23 +214,25 @@ def test_parallel_member_positions_bad_values(two, inference, match):
         two[3].prepare([random_image(1)], [PROMPTS[0]], inference=inference)
 
 
-def _greedy_by_hand(fused, inputs, max_new_tokens: int) -> tuple[list[int], float]:
-    """Reference for answer_select: one sample, no cache, no transformers generate: argmax step by step,
-    summing log-softmax of each chosen token up to and including the first eos."""
+def _greedy_by_hand(fused, inputs, max_new_tokens: int, forced: list[int] | None = None
+                    ) -> tuple[list[int], float, list[int]]:
+    """Reference for answer_select: one sample, no cache, no transformers generate: argmax step by step
+    (or the ``forced`` ids, teacher forcing), summing log-softmax of each chosen token up to and including
+    the first eos. Returns (answer ids, that sum, [the eos it stopped on] or [])."""
     emb, pos = inputs.inputs_embeds, inputs.position_ids
     E = fused.llm.get_input_embeddings()
     ids, total = [], 0.0
     with torch.no_grad():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens if forced is None else len(forced)):
             logp = torch.log_softmax(fused.llm(inputs_embeds=emb, position_ids=pos).logits[0, -1].float(), -1)
-            t = int(logp.argmax())
+            t = int(logp.argmax()) if forced is None else forced[step]
             total += float(logp[t])
             if t in fused.eos_token_ids:
-                break
+                return ids, total, [t]
             ids.append(t)
             emb = torch.cat([emb, E(torch.tensor([[t]]))], dim=1)
             pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
-    return ids, total
+    return ids, total, []
 
 
 @pytest.mark.parametrize("select, subsets", [("confidence", "all+alone"), ("confidence:members", "alone")])
@@ -249,6 +251,63 @@ def test_answer_select_keeps_the_most_confident_answer(two, select, subsets):
         assert got.tokens[i] == {n: 16 for n in cands[k]}
     plain = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True)
     assert plain.selected is None
+
+
+@pytest.mark.parametrize("select, null", [("pmi", "#000000"), ("pmi:members", "#80ff10")])
+def test_answer_select_pmi_subtracts_the_null_image_score(two, select, null):
+    """answer_select pmi: each candidate's greedy log-probability minus the log-probability of the same ids
+    (eos included) given the same members' tokens of a flat null_image of the sample's size; the answer of
+    highest difference is kept. Checked against step-by-step loops (greedy, then teacher-forced) on
+    prepare(members=...), for 3 prompts of different lengths in one batch."""
+    from PIL import Image
+
+    _, ma, mb, fused = two
+    cands = ([[ma.name, mb.name]] if select == "pmi" else []) + [[ma.name], [mb.name]]
+    imgs = [random_image(40 + i, (52 + 4 * i, 52)) for i in range(3)]
+    got = fused.generate(imgs, PROMPTS, max_new_tokens=5, inference={"answer_select": select, "null_image": null},
+                         return_details=True)
+    colour = tuple(int(null[k:k + 2], 16) for k in (1, 3, 5))
+    margins = []
+    for i, (img, prompt) in enumerate(zip(imgs, PROMPTS)):
+        blank = Image.new("RGB", img.size, colour)
+        score = []
+        for c in cands:
+            ids, lp, stop = _greedy_by_hand(fused, fused.prepare([img], [prompt], members=c), 5)
+            _, lp0, _ = _greedy_by_hand(fused, fused.prepare([blank], [prompt], members=c), 5, forced=ids + stop)
+            score.append((ids, lp - lp0))
+        k = max(range(len(cands)), key=lambda j: (score[j][1], -j))
+        assert got.token_ids[i] == score[k][0] and got.selected[i] == cands[k]
+        margins.append(sorted(v for _, v in score)[-1] - sorted(v for _, v in score)[-2])
+    assert max(margins) > 1e-3  # the choice was not a tie everywhere
+
+
+def test_continuation_log_probs_equals_teacher_forcing_by_hand(two):
+    """continuation_log_probs on a left-padded batch (3 prompt lengths) with continuations of 3 lengths (one
+    ending on eos, one not, one empty) equals a step-by-step teacher-forced loop on each sample alone."""
+    from fuse.model.generation import continuation_log_probs
+
+    fused = two[3]
+    eos = fused.eos_token_ids[0]
+    imgs = [random_image(50 + i, (52, 52)) for i in range(3)]
+    conts = [[5, 7, 11, eos], [9, 3], []]
+    inputs = fused.prepare(imgs, PROMPTS)
+    got = continuation_log_probs(fused.llm, inputs.inputs_embeds, inputs.attention_mask, inputs.position_ids, conts)
+    for i, (img, prompt) in enumerate(zip(imgs, PROMPTS)):
+        ref = _greedy_by_hand(fused, fused.prepare([img], [prompt]), 0, forced=conts[i])[1]
+        assert got[i] == pytest.approx(ref, abs=1e-4)
+    assert got[2] == 0.0 and max(got[:2]) < 0
+
+
+def test_null_image_option_is_checked_and_recorded(two):
+    from fuse.errors import RecipeError
+    from fuse.model.options import InferenceOptions
+
+    fused, img = two[3], random_image(1)
+    with pytest.raises(RecipeError, match="null_image.*#rrggbb"):
+        fused.generate([img], [PROMPTS[0]], max_new_tokens=2, inference={"answer_select": "pmi", "null_image": "black"})
+    opts = InferenceOptions.parse({"answer_select": "pmi:members", "null_image": "#141414"}, ["a", "b"])
+    assert opts.null_image == (20, 20, 20) and opts.to_dict()["null_image"] == "#141414"
+    assert InferenceOptions.parse(opts.to_dict(), ["a", "b"]) == opts
 
 
 def test_prepare_members_subset_is_that_member_alone(two):

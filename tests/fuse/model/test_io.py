@@ -101,6 +101,16 @@ def test_cli_generate_text_and_json(out, tmp_path, run_fuse):
                       inference={"answer_select": "confidence"}, return_details=True)
     assert data["answer"] == ref.texts[0] and data["answered_by"] == ref.selected[0]
     assert data["tokens"] == {n: 16 for n in ref.selected[0]}
+    r = run_fuse("generate", out, "--image", img, "--prompt", "<image>\nWhat colour?", "--max-new-tokens", "6",
+                 "--json", "--answer-select", "pmi:members", "--null-image", "#336699")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout[r.stdout.index("{"):])
+    ref = fm.generate([str(img)], ["<image>\nWhat colour?"], max_new_tokens=6,
+                      inference={"answer_select": "pmi:members", "null_image": "#336699"}, return_details=True)
+    assert data["answer"] == ref.texts[0] and data["answered_by"] == ref.selected[0]
+    r = run_fuse("generate", out, "--image", img, "--prompt", "<image>\nhi", "--answer-select", "pmi",
+                 "--null-image", "grey")
+    assert r.exit_code != 0 and "null_image" in r.output and "#rrggbb" in r.output
     r = run_fuse("generate", out, "--image", img, "--prompt", "What colour?", "--max-new-tokens", "3")
     assert r.exit_code == 0 and "warning: prompt has no <image>" in r.output
 
