@@ -51,6 +51,9 @@ DEFAULT_LIMIT: int | None = None  # questions per part in `fuse toyworld compare
 BOOTSTRAP = dict(n_resamples=2000, level=0.95, seed=0)  # interval printed with the gain
 
 
+CEILING_PARTS = (("vqa", "exact_match", "n"), ("pope", "accuracy", "n"), ("mmvp", "pair_accuracy", "n_pairs"))
+
+
 def summarize(results: dict[str, Any]) -> dict[str, Any]:
     """Table row of a toy-task result: per-skill VQA exact match, overall VQA, POPE accuracy, MMVP
     (question / pair accuracy) and ``mean`` = mean of VQA exact match, POPE accuracy and MMVP pair
@@ -68,6 +71,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     row["mmvp_pair"] = m["mmvp"].get("pair_accuracy")
     parts = [row["vqa"], row["pope_acc"], row["mmvp_pair"]]
     row["mean"] = sum(parts) / 3 if all(isinstance(v, float) for v in parts) else None
+    # per part, per skill / POPE category: [score, number of units], what routing_ceiling combines
+    row["by_category"] = {part: {c: [cm.get(key), cm.get(n)] for c, cm in (b.get(part) or {}).items()}
+                          for part, key, n in CEILING_PARTS}
     row["n"] = results["n"]
     row["samples_per_s"] = results["timing"]["samples_per_s"]
     return row
@@ -231,6 +237,32 @@ def evaluate_model(path: str | os.PathLike, test: str | os.PathLike, label: str,
     return summarize(res), score_units(res)
 
 
+def routing_ceiling(rows: dict[str, dict[str, Any]], members: Sequence[str] = MEMBERS) -> dict[str, Any] | None:
+    """The best ``mean`` a fusion that takes each skill from one member can reach: every VQA skill, POPE
+    category and MMVP skill answered as well as the member best at it (``by_category`` of
+    :func:`summarize`), weighted by its number of questions (MMVP: pairs).
+
+    VisionFuse's gain comes from members that see different things (paper Sec. 1: complementary
+    perception); this is what that complementarity is worth on a test world, so a gain target can be
+    read against it. It is optimistic by the noise in picking the better of the members on each category
+    (on near-chance skills the pick is luck), and a fusion could exceed it only where fused tokens beat
+    every member on a skill. None when a member row has no breakdown (an old ``compare.json``)."""
+    members = [m for m in members if rows.get(m, {}).get("by_category")]
+    if len(members) < 2:
+        return None
+    parts: dict[str, float] = {}
+    for part, _, _ in CEILING_PARTS:
+        cats = rows[members[0]]["by_category"].get(part) or {}
+        total = sum(cats[c][1] or 0 for c in cats)
+        if not total:
+            return None
+        parts[part] = sum(max(rows[m]["by_category"][part][c][0] or 0.0 for m in members) * cats[c][1]
+                          for c in cats) / total
+    mean = sum(parts.values()) / len(parts)
+    best = max(rows[m]["mean"] for m in members)
+    return {"mean": mean, "gain": mean - best, "parts": parts}
+
+
 def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
             units: dict[str, dict[str, list[float]]] | None = None, members: Sequence[str] = MEMBERS,
             fused_label: str = "fused:task_arithmetic", select: str | None = None) -> dict[str, Any]:
@@ -266,6 +298,9 @@ def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
         out["budget_gain_kept"] = out["budget_gain"] / gain if gain > 0 else None
     if select and f"{fused_label}+{select}" in rows:
         out["select"] = summary(rows, None, units, members, f"{fused_label}+{select}")
+    ceiling = routing_ceiling(rows, members)
+    if ceiling is not None:
+        out["routing_ceiling"] = ceiling
     return out
 
 
@@ -343,6 +378,10 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in sel["skill_ratio"].items() if v is not None)
         lines.append(f"with answer_select {doc.get('select')}: mean {sel['fused_mean']:.3f}, gain {sel['gain']:+.3f}"
                      f"{ci_text}; per skill {ratios}")
+    ceiling = sm.get("routing_ceiling")
+    if ceiling:
+        lines.append(f"each skill from the member best at it (routing ceiling): mean {ceiling['mean']:.3f}, "
+                     f"gain {ceiling['gain']:+.3f}")
     return lines
 
 

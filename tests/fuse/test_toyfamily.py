@@ -224,6 +224,33 @@ def test_score_units_reproduce_the_table_figures(test_split):
     assert sum(units["pope"]) / len(units["pope"]) == pytest.approx(row["pope_acc"])
     assert len(units["mmvp"]) == res["metrics"]["mmvp"]["n_pairs"]
     assert sum(units["mmvp"]) / len(units["mmvp"]) == pytest.approx(row["mmvp_pair"])
+    # the per-category breakdown the routing ceiling combines weights back to the same figures
+    for part, overall in (("vqa", "vqa"), ("pope", "pope_acc"), ("mmvp", "mmvp_pair")):
+        cats = row["by_category"][part]
+        assert len(cats) >= 2 and sum(n for _, n in cats.values()) == len(units[part])
+        assert sum(v * n for v, n in cats.values()) / len(units[part]) == pytest.approx(row[overall])
+
+
+def test_routing_ceiling_takes_each_category_from_its_best_member():
+    """Hand-computed: each part's categories weighted by their unit counts, each at its better member."""
+    from fuse.toyfamily import SKILL_COLUMNS, format_summary, routing_ceiling, summary
+
+    def row(vqa, pope, mmvp, mean):
+        return {"mean": mean, "by_category": {"vqa": {"colour": [vqa[0], 2], "count": [vqa[1], 6]},
+                                              "pope": {"colour": [pope[0], 5], "shape": [pope[1], 5]},
+                                              "mmvp": {"colour": [mmvp[0], 2], "count": [mmvp[1], 2]}}}
+
+    rows = {"colour": row((1.0, 0.5), (0.8, 0.4), (0.5, 0.0), 0.55),
+            "spatial": row((0.0, 1.0), (0.6, 0.6), (0.0, 1.0), 0.50)}
+    got = routing_ceiling(rows)
+    assert got["parts"] == pytest.approx({"vqa": (2 * 1.0 + 6 * 1.0) / 8, "pope": (5 * 0.8 + 5 * 0.6) / 10,
+                                          "mmvp": (2 * 0.5 + 2 * 1.0) / 4})
+    assert got["mean"] == pytest.approx((1.0 + 0.7 + 0.75) / 3) and got["gain"] == pytest.approx(got["mean"] - 0.55)
+    rows["fused:task_arithmetic"] = {"mean": 0.6, **{s: None for s in SKILL_COLUMNS}}
+    doc = {"summary": summary(rows, None)}
+    assert doc["summary"]["routing_ceiling"] == got
+    assert "routing ceiling): mean 0.817, gain +0.267" in format_summary(doc)[-1]
+    assert routing_ceiling({"colour": {"mean": 0.5}, "spatial": rows["spatial"]}) is None  # an old compare.json
 
 
 def test_compare_evaluates_every_question_by_default():
