@@ -242,9 +242,9 @@ def routing_ceiling(rows: dict[str, dict[str, Any]], members: Sequence[str] = ME
     category and MMVP skill answered as well as the member best at it (``by_category`` of
     :func:`summarize`), weighted by its number of questions (MMVP: pairs).
 
-    VisionFuse's gain comes from members that see different things (paper Sec. 1: complementary
-    perception); this is what that complementarity is worth on a test world, so a gain target can be
-    read against it. It is optimistic by the noise in picking the better of the members on each category
+    VisionFuse's gain comes from members that see different things (its abstract: different MLLMs focus on
+    distinct regions given the same query and image); this is what that complementarity is worth on a test
+    world, so a gain target can be read against it. It is optimistic by the noise in picking the better of the members on each category
     (on near-chance skills the pick is luck), and a fusion could exceed it only where fused tokens beat
     every member on a skill. None when a member row has no breakdown (an old ``compare.json``)."""
     members = [m for m in members if rows.get(m, {}).get("by_category")]
@@ -256,8 +256,8 @@ def routing_ceiling(rows: dict[str, dict[str, Any]], members: Sequence[str] = ME
         total = sum(cats[c][1] or 0 for c in cats)
         if not total:
             return None
-        parts[part] = sum(max(rows[m]["by_category"][part][c][0] or 0.0 for m in members) * cats[c][1]
-                          for c in cats) / total
+        parts[part] = sum(max((rows[m]["by_category"].get(part) or {}).get(c, [0.0])[0] or 0.0 for m in members)
+                          * (cats[c][1] or 0) for c in cats) / total
     mean = sum(parts.values()) / len(parts)
     best = max(rows[m]["mean"] for m in members)
     return {"mean": mean, "gain": mean - best, "parts": parts}
