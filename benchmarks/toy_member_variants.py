@@ -49,6 +49,7 @@ class Variant:
     tie_channels: bool | None = None
     main: str | None = None  # a key of MAIN_ENCODERS: shared main encoder, own encoder as a second branch
     encoder_seed: int | None = None  # default: the role's index in ENCODERS (a new role: ENCODER_SEED_OF_NEW_ROLE)
+    stage1_scale: float = 1.0  # stage 1 (projector only) this many times longer than the family's
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ VARIANTS: dict[str, Variant] = {
     "spatial+colour-main": Variant("spatial", "spatial member: shared RGB 28 px main encoder (the colour member's) + "
                                    "its sharp colour-blind encoder (MGM-like high-resolution branch)",
                                    replaces="spatial", main="colour28"),
+    "spatial-stage1x4": Variant("spatial", "spatial member whose stage 1 (projector only) trains 4x longer (3200 "
+                                "steps): a stronger spatial member gives fusion more to gain", replaces="spatial",
+                                stage1_scale=4.0),
     "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
                                  "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
                                  encoder=_RGB56, tie_channels=False, encoder_seed=6),
@@ -141,14 +145,15 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
         sub.write_text(json.dumps(select_skills(json.loads(data.read_text()), v.skills)))
         data = sub
     final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
-                                    fusion=fusion)
+                                    fusion=fusion, stage1_scale=v.stage1_scale)
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
-def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None, base: Path | None = None
-              ) -> Path:
+def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None, base: Path | None = None,
+              inference: dict[str, Any] | None = None) -> Path:
     """Merge ``members`` as the shipped recipe does: task_arithmetic, weight 1/n (or ``weights``, in
-    ``members``' order), parallel positions; ``base``: their base LLM (default: the shipped one)."""
+    ``members``' order), parallel positions; ``base``: their base LLM (default: the shipped one);
+    ``inference``: added to the recipe's inference section (e.g. an ``answer_select`` mode)."""
     from fuse.merge import run_merge
     from fuse.recipe import parse_recipe
     from fuse.toyfamily import ASSETS, RECIPE
@@ -158,6 +163,7 @@ def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None =
     weights = weights or [1 / len(members)] * len(members)
     data["members"] = [{"model": str(p), "name": n, "weight": w} for (n, p), w in zip(members.items(), weights)]
     data["output"] = {"dir": str(out)}
+    data["inference"] = {**data["inference"], **(inference or {})}
     if out.exists():
         shutil.rmtree(out)
     run_merge(parse_recipe(data, source="variant", root=out.parent), progress=False, checksums=False,
@@ -202,6 +208,9 @@ def main() -> None:
                          "e.g. 0,1 fuses with the second member's own LLM, unmerged")
     ap.add_argument("--reuse", action="store_true",
                     help="use members already trained into OUT/members by an earlier run of this script")
+    ap.add_argument("--select", default="none",
+                    help="also evaluate each fused model with this answer_select mode (as `fuse toyworld compare "
+                         "--select`), e.g. confidence:members")
     args = ap.parse_args()
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     tag = "" if weights is None else "@" + ",".join(f"{w:g}" for w in weights)  # in labels and file names
@@ -210,8 +219,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
-    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_row, summary
+    from fuse.model.options import parse_answer_select
+    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_row, select_inference, summary
     from train.toyfamily import _run_jobs
+
+    select = parse_answer_select(args.select, "--select")
 
     out = args.output.resolve()
     world, test = prepare_worlds(out, args.seed)
@@ -256,7 +268,11 @@ def main() -> None:
         evaluate(fused_label, fused_dir({k: p for k, (_, p) in members.items()}, out / "fused" / f"{name}{tag}",
                                         weights))
         labels = [label for label, _ in members.values()]
-        sm = summary(rows, None, units, members=labels, fused_label=fused_label)
+        if select != "none":
+            evaluate(f"{fused_label}+{select}", fused_dir({k: p for k, (_, p) in members.items()},
+                                                         out / "fused" / f"{name}{tag}+{select.replace(':', '_')}",
+                                                         weights, inference=select_inference(select)))
+        sm = summary(rows, None, units, members=labels, fused_label=fused_label, select=select)
         ci = sm["gain_interval"]
         report["variants"][name] = {"why": [VARIANTS[v].why for v in parts], "members": labels,
                                     "best_member": sm["best_member"],
@@ -267,6 +283,15 @@ def main() -> None:
               f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
               "per skill " + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None),
               flush=True)
+        if "select" in sm:
+            sel, ci = sm["select"], sm["select"]["gain_interval"]
+            report["variants"][name]["select"] = {"mode": select, "gain": sel["gain"],
+                                                  "gain_interval": [ci["low"], ci["high"]],
+                                                  "skill_ratio": sel["skill_ratio"],
+                                                  "row": rows[f"{fused_label}+{select}"]}
+            print(f"  {name} with answer_select {select}: fused {sel['fused_mean']:.3f}: gain {sel['gain']:+.3f} "
+                  f"({ci['low']:+.3f} .. {ci['high']:+.3f}); per skill "
+                  + ", ".join(f"{s} {r:.2f}" for s, r in sel["skill_ratio"].items() if r is not None), flush=True)
     (out / f"variants{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / f'variants{tag}.json'} (training {train_s:.0f} s)")
 
