@@ -11,6 +11,7 @@ by default: never a test world of the README's tables).
     python benchmarks/toy_member_variants.py                      # every variant, ~6 min training each
     python benchmarks/toy_member_variants.py --variants colour-4-tokens -j 1
     python benchmarks/toy_member_variants.py --variants shared-colour-main --reuse --weights 0,1  # unmerged LLM
+    python benchmarks/toy_member_variants.py --variants spatial-stage1x4 --select confidence:members [--seed N]
 
 A variant may replace both members (a *family*, :data:`FAMILIES`), and a member may get a **shared main
 encoder**: the same frozen encoder (same seed) in every member of the family, with the member's own encoder
@@ -19,7 +20,8 @@ MGM-8B and SliME-8B are built (one frozen CLIP ViT-L/14-336 plus a private branc
 makes their visual tokens aligned.
 
 Prints one row per model and per variant the fused model's gain over the best member of that variant,
-and its per-skill ratio to the best member; writes ``OUT/variants.json`` (``OUT/variants@W.json`` with
+and its per-skill ratio to the best member (with ``--select MODE``, also for the fused model with that
+``answer_select``, as ``fuse toyworld compare --select``); writes ``OUT/variants.json`` (``OUT/variants@W.json`` with
 ``--weights W``). Needs ``train`` (dev install).
 """
 
