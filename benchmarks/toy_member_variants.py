@@ -280,11 +280,15 @@ def main() -> None:
                                     "best_member": sm["best_member"],
                                     "gain": sm["gain"], "gain_interval": [ci["low"], ci["high"]],
                                     "skill_ratio": sm["skill_ratio"],
+                                    "routing_ceiling": sm.get("routing_ceiling"),
                                     "rows": {k: rows[k] for k in labels + [fused_label]}}
         print(f"  {name}: fused {sm['fused_mean']:.3f} vs best member {sm['best_member']} "
               f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
               "per skill " + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None),
               flush=True)
+        if sm.get("routing_ceiling"):
+            print(f"  {name}: each skill from the member best at it (routing ceiling): mean "
+                  f"{sm['routing_ceiling']['mean']:.3f}, gain {sm['routing_ceiling']['gain']:+.3f}", flush=True)
         if "select" in sm:
             sel, ci = sm["select"], sm["select"]["gain_interval"]
             report["variants"][name]["select"] = {"mode": select, "gain": sel["gain"],
