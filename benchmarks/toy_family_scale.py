@@ -84,7 +84,7 @@ def main() -> None:
         parse_llm(s)
 
     import train.toyfamily as tf
-    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_row, summary
+    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_ratios, format_row, summary
     from toy_member_variants import fused_dir, prepare_worlds
 
     out = args.output.resolve()
@@ -116,7 +116,7 @@ def main() -> None:
                                     "relative_l2_to_base": dist}
         print(f"  {size}: fused {sm['fused_mean']:.3f} vs {sm['best_member']} {sm['best_member_mean']:.3f}: gain "
               f"{sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); per skill "
-              + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None)
+              + format_ratios(sm["skill_ratio"])
               + "; relative L2 to base " + ", ".join(f"{m} {d:.4f}" for m, d in dist.items()), flush=True)
     (out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / 'scale.json'}")

@@ -222,7 +222,8 @@ def main() -> None:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
     from fuse.model.options import parse_answer_select
-    from fuse.toyfamily import ASSETS, MEMBERS, evaluate_model, format_header, format_row, select_inference, summary
+    from fuse.toyfamily import (ASSETS, MEMBERS, evaluate_model, format_header, format_ratios, format_row,
+                                select_inference, summary)
     from train.toyfamily import _run_jobs
 
     select = parse_answer_select(args.select, "--select")
@@ -284,7 +285,7 @@ def main() -> None:
                                     "rows": {k: rows[k] for k in labels + [fused_label]}}
         print(f"  {name}: fused {sm['fused_mean']:.3f} vs best member {sm['best_member']} "
               f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
-              "per skill " + ", ".join(f"{s} {r:.2f}" for s, r in sm["skill_ratio"].items() if r is not None),
+              "per skill " + format_ratios(sm["skill_ratio"]),
               flush=True)
         if sm.get("routing_ceiling"):
             print(f"  {name}: each skill from the member best at it (routing ceiling): mean "
@@ -297,7 +298,7 @@ def main() -> None:
                                                   "row": rows[f"{fused_label}+{select}"]}
             print(f"  {name} with answer_select {select}: fused {sel['fused_mean']:.3f}: gain {sel['gain']:+.3f} "
                   f"({ci['low']:+.3f} .. {ci['high']:+.3f}); per skill "
-                  + ", ".join(f"{s} {r:.2f}" for s, r in sel["skill_ratio"].items() if r is not None), flush=True)
+                  + format_ratios(sel["skill_ratio"]), flush=True)
     (out / f"variants{tag}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out / f'variants{tag}.json'} (training {train_s:.0f} s)")
 

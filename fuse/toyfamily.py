@@ -172,11 +172,12 @@ def select_inference(select: str) -> dict[str, Any]:
     """The ``inference`` section of ``compare``'s ``--select`` row: that ``answer_select`` mode; the pmi
     modes score against the toy world's empty scene (a flat image of its background colour), the
     content-free image of this world."""
+    from .model.options import colour_hex
     from .toyworld import BACKGROUND
 
     out: dict[str, Any] = {"answer_select": select}
     if select.partition(":")[0] == "pmi":
-        out["null_image"] = "#%02x%02x%02x" % BACKGROUND
+        out["null_image"] = colour_hex(BACKGROUND)
     return out
 
 
@@ -353,6 +354,11 @@ def format_row(label: str, row: dict[str, Any]) -> str:
     return f"{label:40s} " + " ".join(cells)
 
 
+def format_ratios(skill_ratio: dict[str, float | None]) -> str:
+    """``"colour 1.00, count 0.94, ..."``: per-skill ratios to the best member, skills without one left out."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in skill_ratio.items() if v is not None)
+
+
 def format_summary(doc: dict[str, Any]) -> list[str]:
     """The verdict lines under the table: gain of the default fused model, per-skill ratios, budget."""
     sm = doc.get("summary") or {}
@@ -363,7 +369,7 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
                if ci else "")
     lines = [f"fused (task_arithmetic) mean {sm['fused_mean']:.3f} vs best member ({sm['best_member']}) "
              f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f}{ci_text}"]
-    ratios = ", ".join(f"{k} {v:.2f}" for k, v in sm["skill_ratio"].items() if v is not None)
+    ratios = format_ratios(sm["skill_ratio"])
     lines.append(f"fused / best member per skill: {ratios}")
     if "budget_gain" in sm:
         kept = sm.get("budget_gain_kept")
@@ -375,7 +381,7 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
     if sel:
         ci = sel.get("gain_interval")
         ci_text = f" ({100 * ci['level']:.0f}% interval {ci['low']:+.3f} .. {ci['high']:+.3f})" if ci else ""
-        ratios = ", ".join(f"{k} {v:.2f}" for k, v in sel["skill_ratio"].items() if v is not None)
+        ratios = format_ratios(sel["skill_ratio"])
         lines.append(f"with answer_select {doc.get('select')}: mean {sel['fused_mean']:.3f}, gain {sel['gain']:+.3f}"
                      f"{ci_text}; per skill {ratios}")
     ceiling = sm.get("routing_ceiling")

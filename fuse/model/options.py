@@ -234,6 +234,11 @@ def parse_null_image(spec: Any, field_name: str = "inference.null_image") -> tup
         raise RecipeError(f"{field_name}: expected a colour '#rrggbb' (e.g. '#000000'), got {spec!r}") from None
 
 
+def colour_hex(rgb: Sequence[int]) -> str:
+    """(r, g, b) -> ``"#rrggbb"``, the form :func:`parse_null_image` reads."""
+    return "#%02x%02x%02x" % tuple(rgb)
+
+
 def answer_candidates(select: str, names: Sequence[str]) -> list[list[str]]:
     """The member subsets whose visual tokens the merged LLM answers with under ``select``
     (:data:`ANSWER_SELECT`): every member together first (``confidence``, ``pmi``), then each member alone."""
@@ -310,7 +315,7 @@ class InferenceOptions:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
                 "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions,
-                "answer_select": self.answer_select, "null_image": "#%02x%02x%02x" % self.null_image}
+                "answer_select": self.answer_select, "null_image": colour_hex(self.null_image)}
 
 
 def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:
