@@ -155,7 +155,9 @@ def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None =
               inference: dict[str, Any] | None = None) -> Path:
     """Merge ``members`` as the shipped recipe does: task_arithmetic, weight 1/n (or ``weights``, in
     ``members``' order), parallel positions; ``base``: their base LLM (default: the shipped one);
-    ``inference``: added to the recipe's inference section (e.g. an ``answer_select`` mode)."""
+    ``inference``: added to the recipe's inference section (e.g. an ``answer_select`` mode). Without it the
+    fused model answers once from every member's tokens (``answer_select: none``, plain concatenation, the
+    paper's method), whatever the recipe's default: the variant figures in the README were measured so."""
     from fuse.merge import run_merge
     from fuse.recipe import parse_recipe
     from fuse.toyfamily import ASSETS, RECIPE
@@ -165,7 +167,7 @@ def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None =
     weights = weights or [1 / len(members)] * len(members)
     data["members"] = [{"model": str(p), "name": n, "weight": w} for (n, p), w in zip(members.items(), weights)]
     data["output"] = {"dir": str(out)}
-    data["inference"] = {**data["inference"], **(inference or {})}
+    data["inference"] = {**data["inference"], "answer_select": "none", **(inference or {})}
     if out.exists():
         shutil.rmtree(out)
     run_merge(parse_recipe(data, source="variant", root=out.parent), progress=False, checksums=False,

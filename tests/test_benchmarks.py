@@ -70,3 +70,19 @@ def test_family_scale_reference_row_is_the_shipped_llm():
     shipped = json.loads((ASSETS / "base" / "config.json").read_text())
     shapes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
     assert {k: shipped[k] for k in shapes} == {k: cfg[k] for k in shapes}
+
+
+def test_variant_fused_rows_stay_plain_concatenation(tmp_path):
+    """The recipe now selects answers (``confidence:members``); the benchmarks' fused rows must stay plain
+    concatenation unless ``--select`` asks, so they reproduce the figures the README gives for them."""
+    import json
+
+    from fuse.toyfamily import ASSETS, MEMBERS, RECIPE
+
+    tmv = _load("toy_member_variants")
+    members = {m: ASSETS / m for m in MEMBERS}
+    assert RECIPE["inference"]["answer_select"] != "none"
+    plain = json.loads((tmv.fused_dir(members, tmp_path / "a") / "fuse_config.json").read_text())
+    assert plain["inference"] == {**RECIPE["inference"], "answer_select": "none"}
+    sel = tmv.fused_dir(members, tmp_path / "b", inference={"answer_select": "pmi:members"})
+    assert json.loads((sel / "fuse_config.json").read_text())["inference"]["answer_select"] == "pmi:members"
