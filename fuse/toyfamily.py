@@ -31,19 +31,24 @@ WORLD = dict(n_train=2000, n_test=300, size=84, mc_answer="text")
 EVAL = dict(batch_size=32, max_new_tokens=6)
 CHECK_LIMIT = 24  # questions per part of the small re-evaluation that tests reproduce exactly
 
-# recipes/toy_family.yaml holds the same (tests check they agree). Chosen on a validation world (seed
-# 4242, never a test split; see README): the members' spans in parallel position ids, colour first.
+# recipes/toy_family.yaml holds the same (tests check they agree). Chosen on validation worlds (never a test
+# split; see README): the members' spans in parallel position ids, colour first (seed 4242); one answer per
+# member, the most probable kept (seeds 4242-4246: gain +0.035 over the best member, every skill >= 0.90x;
+# one answer from both members' tokens, the paper's concatenation: +0.010, count down to 0.76x).
 RECIPE: dict[str, Any] = {
     "base_model": "base",
     "members": [{"model": "colour", "weight": 0.5, "name": "colour"},
                 {"model": "spatial", "weight": 0.5, "name": "spatial"}],
     "merge": {"method": "task_arithmetic", "dtype": "float32"},
     "text": {"member": "colour"},
-    "inference": {"member_positions": "parallel"},
+    "inference": {"member_positions": "parallel", "answer_select": "confidence:members"},
 }
 METHODS = ("task_arithmetic", "ties", "linear")
 TIES_DENSITY = 0.5
-BUDGET = "total:49"  # one member's token count (both members give 49), kept by the question's attention
+# the budget row: 24 visual tokens per forward pass, kept by the question's attention; the recipe answers once
+# per member (answer_select confidence:members), so the LLM reads 2 x 24 = 48 visual tokens per answer, within
+# one member's 49 (total:49 would cap nothing: each pass holds one member's 49 tokens already)
+BUDGET = "total:24"
 SKILL_COLUMNS = ("colour", "position", "count", "shape", "orientation")
 COLUMNS = SKILL_COLUMNS + ("vqa", "pope_acc", "mmvp_pair", "mean", "samples_per_s")
 DEFAULT_LIMIT: int | None = None  # questions per part in `fuse toyworld compare`: all of them (a 160-question
@@ -151,7 +156,9 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
     (``plot``) ``out/compare.png``; returns the JSON document (``rows``: model -> :data:`COLUMNS`
     figures; ``summary``: best member, fused gain over it, share of the gain kept with the budget).
     ``select``: an ``answer_select`` mode (:data:`fuse.model.options.ANSWER_SELECT`) for an extra
-    task_arithmetic row ``fused:task_arithmetic+<select>``, summarised like the default fused row.
+    task_arithmetic row ``fused:task_arithmetic+<select>``, summarised like the default fused row; none
+    when it is the recipe's own mode (:func:`recipe_select`). ``"none"`` with a recipe that selects
+    answers gives the plain-concatenation row, the paper's method.
     Everything is written to a temp dir renamed to ``out`` at the end; an existing ``out`` needs ``force``
     (and is replaced only if an earlier run of this toolkit wrote it); paths in the document name ``out``.
     """
@@ -166,6 +173,11 @@ def compare(out: str | os.PathLike = "out/toy_compare", family: str | os.PathLik
             doc["plot"] = str(Path(out) / "compare.png")
         write_results(doc, tmp / "compare.json")
     return doc
+
+
+def recipe_select() -> str:
+    """The recipe's own ``answer_select`` mode (:data:`RECIPE`): every fused row but ``--select``'s uses it."""
+    return RECIPE["inference"].get("answer_select", "none")
 
 
 def select_inference(select: str) -> dict[str, Any]:
@@ -194,7 +206,7 @@ def _compare(out: Path, family: Path, seed: int | None, limit: int | None, metho
     fused_specs = [(f"fused:{m}", m, None) for m in methods]
     if budget and "task_arithmetic" in methods:
         fused_specs.append((f"fused:task_arithmetic+{budget}", "task_arithmetic", budget_inference(budget)))
-    if select and select != "none" and "task_arithmetic" in methods:
+    if select is not None and select != recipe_select() and "task_arithmetic" in methods:
         fused_specs.append((f"fused:task_arithmetic+{select}", "task_arithmetic", select_inference(select)))
     merge_s = 0.0
     for label, method, inference in fused_specs:
@@ -382,7 +394,9 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
         ci = sel.get("gain_interval")
         ci_text = f" ({100 * ci['level']:.0f}% interval {ci['low']:+.3f} .. {ci['high']:+.3f})" if ci else ""
         ratios = format_ratios(sel["skill_ratio"])
-        lines.append(f"with answer_select {doc.get('select')}: mean {sel['fused_mean']:.3f}, gain {sel['gain']:+.3f}"
+        mode = doc.get("select")
+        mode = f"{mode} (plain concatenation)" if mode == "none" else mode
+        lines.append(f"with answer_select {mode}: mean {sel['fused_mean']:.3f}, gain {sel['gain']:+.3f}"
                      f"{ci_text}; per skill {ratios}")
     ceiling = sm.get("routing_ceiling")
     if ceiling:

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from ..toyfamily import BUDGET
+
 
 def register(group: click.Group) -> None:
     toyworld = group.commands.get("toyworld")
@@ -29,14 +31,17 @@ def register(group: click.Group) -> None:
     @click.option("--all", "all_questions", is_flag=True, help="Evaluate every test question (the default).")
     @click.option("--methods", default="task_arithmetic,ties,linear", show_default=True,
                   help="Comma-separated merge methods.")
-    @click.option("--budget", default="total:49", show_default=True,
-                  help="Token budget of the extra task_arithmetic row: total:N[@layer] (all members together, "
-                       "kept by the question's attention), a per-member spec (pool:2, topk:24) or 'none'.")
+    @click.option("--budget", default=BUDGET, show_default=True,
+                  help="Token budget of the extra task_arithmetic row: total:N[@layer] (the visual tokens of one "
+                       "forward pass, all its members together, kept by the question's attention; the recipe "
+                       "runs one pass per member), a per-member spec (pool:2, topk:24) or 'none'.")
     @click.option("--select", default="none", show_default=True,
-                  help="Add a task_arithmetic row with this answer_select mode: confidence (greedy answers with all "
-                       "members' tokens and with each member's alone, the most probable kept), confidence:members "
-                       "(each member's tokens alone only), pmi / pmi:members (the same answers scored by their "
-                       "log-probability minus that given the world's empty scene) or 'none'.")
+                  help="Add a task_arithmetic row with this answer_select mode (none if it is the recipe's own, "
+                       "confidence:members): none (one answer from every member's tokens: plain concatenation, the "
+                       "paper's method), confidence (greedy answers with all members' tokens and with each member's "
+                       "alone, the most probable kept), confidence:members (each member's tokens alone only), pmi / "
+                       "pmi:members (the same answers scored by their log-probability minus that given the world's "
+                       "empty scene).")
     @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
     @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                   help="Also write the table JSON here (always written to OUT/compare.json).")
@@ -51,7 +56,7 @@ def register(group: click.Group) -> None:
         """
         from ..errors import FuseError
         from ..eval.runner import write_results
-        from ..toyfamily import ASSETS, DEFAULT_LIMIT, compare, format_summary
+        from ..toyfamily import ASSETS, DEFAULT_LIMIT, compare, format_summary, recipe_select
 
         fam = family or ASSETS
         from pathlib import Path
@@ -68,7 +73,7 @@ def register(group: click.Group) -> None:
         from ..model.options import parse_answer_select
 
         parse_answer_select(select, "--select")
-        if select != "none" and "task_arithmetic" not in ms:
+        if select != recipe_select() and "task_arithmetic" not in ms:
             raise FuseError(f"--select {select}: its row is a task_arithmetic merge; add task_arithmetic to --methods")
         t0 = time.perf_counter()
         doc = compare(out, family=fam, seed=seed, limit=None if all_questions else (limit or DEFAULT_LIMIT), methods=ms,

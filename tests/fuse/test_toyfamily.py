@@ -128,8 +128,10 @@ def test_compare_command_slice(tmp_path):
     res = CliRunner().invoke(main, ["toyworld", "compare", "-o", str(out), "--limit", "4"])
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "compare.json").read_text())
+    concat = "fused:task_arithmetic+none"  # the recipe selects answers; the default --select none adds the
+    # paper's plain concatenation as a row of its own
     assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", "fused:ties", "fused:linear",
-                                 f"fused:task_arithmetic+{BUDGET}", "comm"]
+                                 f"fused:task_arithmetic+{BUDGET}", concat, "comm"]
     for label, row in doc["rows"].items():
         assert set(COLUMNS) <= set(row)
         assert row["n"] == 12 and label in res.output
@@ -148,7 +150,11 @@ def test_compare_command_slice(tmp_path):
     assert cfg["inference"] == {**RECIPE["inference"], **budget_inference(BUDGET)}
     assert [m["name"] for m in cfg["members"]] == [m["name"] for m in RECIPE["members"]]
     ties = json.loads((out / "fused-ties" / "fuse_config.json").read_text())
-    assert ties["merge"]["method"] == "ties"
+    assert ties["merge"]["method"] == "ties" and ties["inference"] == RECIPE["inference"]
+    cfg = json.loads((out / "fused-task_arithmetic_none" / "fuse_config.json").read_text())
+    assert cfg["inference"] == {**RECIPE["inference"], "answer_select": "none"}
+    assert sm["select"]["gain"] == pytest.approx(doc["rows"][concat]["mean"] - doc["rows"][best]["mean"])
+    assert "with answer_select none (plain concatenation)" in res.output
 
 
 def test_compare_on_a_fresh_world(tmp_path):
@@ -164,13 +170,12 @@ def test_compare_on_a_fresh_world(tmp_path):
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "compare.json").read_text())
     assert doc["test_seed"] == 101 and not doc["shipped_split"]
-    sel = "fused:task_arithmetic+confidence:members"
-    assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", sel, "comm"]
-    cfg = json.loads((out / "fused-task_arithmetic_confidencemembers" / "fuse_config.json").read_text())
-    assert cfg["inference"] == {**RECIPE["inference"], "answer_select": "confidence:members"}
-    sm = doc["summary"]["select"]
-    assert sm["gain"] == pytest.approx(doc["rows"][sel]["mean"] - doc["rows"][sm["best_member"]]["mean"])
-    assert "with answer_select confidence:members" in res.output
+    # --select naming the recipe's own mode adds no row: the default fused row already is that
+    assert RECIPE["inference"]["answer_select"] == "confidence:members"
+    assert list(doc["rows"]) == ["colour", "spatial", "fused:task_arithmetic", "comm"]
+    cfg = json.loads((out / "fused-task_arithmetic" / "fuse_config.json").read_text())
+    assert cfg["inference"] == RECIPE["inference"]
+    assert "select" not in doc["summary"] and "with answer_select" not in res.output
     own = write_test_split(tmp_path / "own", FIGURES["seed"])
     assert (out / "test" / "images" / "1.png").read_bytes() != (own / "images" / "1.png").read_bytes()
     assert "seed 101" in res.output
