@@ -438,9 +438,10 @@ class FusedModel(PreTrainedModel):
             config.output_scores, config.return_dict_in_generate = True, True
         if seed is not None:
             torch.manual_seed(seed)
+        if len(candidates) > 1:  # read each image file once, not once per candidate
+            images = [load_image(im) for im in _as_list(images)]
         pmi = opts.answer_select.partition(":")[0] == "pmi"
         if pmi:  # one flat null image per sample, of that sample's size (branches that tile by size tile it alike)
-            images = [load_image(im) for im in _as_list(images)]
             blank = [Image.new("RGB", im.size, opts.null_image) for im in images]
         best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer score so far
         choice = [0] * len(best)  # per sample: the candidate that gave it (ties keep the earlier one)

@@ -116,7 +116,10 @@ def continuation_log_probs(llm: Any, inputs_embeds: torch.Tensor, attention_mask
     mask = torch.cat([attention_mask, (target[:, :T - 1] >= 0).to(attention_mask.dtype)], 1)
     steps = torch.arange(1, T, dtype=position_ids.dtype, device=position_ids.device)
     positions = torch.cat([position_ids, position_ids[:, -1:] + steps[None]], 1)
-    logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, L - 1:].float()
+    # logits of the last T positions only (prompt position L-1 predicts c_1): at an 8B model's vocab the whole
+    # prompt's [B, L, V] logits would dwarf the pass itself
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                 logits_to_keep=T).logits[:, -T:].float()
     scores = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)  # [B, T]
     return scores.masked_fill(target < 0, 0.0).sum(-1).tolist()
 

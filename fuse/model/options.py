@@ -28,7 +28,8 @@ naming the field.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import FuseError, RecipeError
@@ -226,12 +227,9 @@ def parse_answer_select(spec: Any, field_name: str = "inference.answer_select") 
 def parse_null_image(spec: Any, field_name: str = "inference.null_image") -> tuple[int, int, int]:
     """``None`` (:data:`NULL_IMAGE`) or a colour ``"#rrggbb"`` -> (r, g, b)."""
     value = NULL_IMAGE if spec is None else spec
-    try:
-        if not (isinstance(value, str) and len(value) == 7 and value[0] == "#"):
-            raise ValueError
-        return tuple(int(value[k:k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]
-    except ValueError:
-        raise RecipeError(f"{field_name}: expected a colour '#rrggbb' (e.g. '#000000'), got {spec!r}") from None
+    if not (isinstance(value, str) and re.fullmatch(r"#[0-9a-fA-F]{6}", value)):
+        raise RecipeError(f"{field_name}: expected a colour '#rrggbb' (e.g. '#000000'), got {spec!r}")
+    return tuple(int(value[k:k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]
 
 
 def colour_hex(rgb: Sequence[int]) -> str:
@@ -266,7 +264,7 @@ class InferenceOptions:
     total: TotalBudget | None = None
     member_positions: str = "sequential"  # one of MEMBER_POSITIONS (fuse.model.assembly.sample_positions)
     answer_select: str = "none"  # one of ANSWER_SELECT (FusedModel.generate)
-    null_image: tuple[int, int, int] = (0, 0, 0)  # flat colour the pmi modes score against (parse_null_image)
+    null_image: tuple[int, int, int] = parse_null_image(None)  # flat colour the pmi modes score against
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
@@ -291,8 +289,7 @@ class InferenceOptions:
         ``answer_select``, ``null_image``; a ``{member: spec}`` mapping replaces those members
         only; None keeps the current value)."""
         overrides = _known_keys(overrides)
-        out = InferenceOptions(dict(self.budget), dict(self.positions), self.separator, self.total,
-                               self.member_positions, self.answer_select, self.null_image)
+        out = replace(self, budget=dict(self.budget), positions=dict(self.positions))
         if overrides.get("answer_select") is not None:
             out.answer_select = parse_answer_select(overrides["answer_select"], "answer_select")
         if overrides.get("null_image") is not None:
