@@ -224,8 +224,8 @@ def main() -> None:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
     from fuse.model.options import parse_answer_select
-    from fuse.toyfamily import (ASSETS, MEMBERS, evaluate_model, format_header, format_ratios, format_row,
-                                select_inference, summary)
+    from fuse.toyfamily import (ASSETS, MEMBERS, evaluate_model, format_ceiling, format_header, format_ratios,
+                                format_row, select_inference, summary)
     from train.toyfamily import _run_jobs
 
     select = parse_answer_select(args.select, "--select")
@@ -290,8 +290,7 @@ def main() -> None:
               "per skill " + format_ratios(sm["skill_ratio"]),
               flush=True)
         if sm.get("routing_ceiling"):
-            print(f"  {name}: each skill from the member best at it (routing ceiling): mean "
-                  f"{sm['routing_ceiling']['mean']:.3f}, gain {sm['routing_ceiling']['gain']:+.3f}", flush=True)
+            print(f"  {name}: {format_ceiling(sm['routing_ceiling'])}", flush=True)
         if "select" in sm:
             sel, ci = sm["select"], sm["select"]["gain_interval"]
             report["variants"][name]["select"] = {"mode": select, "gain": sel["gain"],

@@ -371,6 +371,12 @@ def format_ratios(skill_ratio: dict[str, float | None]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in skill_ratio.items() if v is not None)
 
 
+def format_ceiling(ceiling: dict[str, Any]) -> str:
+    """The routing-ceiling line (:func:`routing_ceiling`) of ``compare`` and the member-variant benchmark."""
+    return (f"each skill from the member best at it (routing ceiling): mean {ceiling['mean']:.3f}, "
+            f"gain {ceiling['gain']:+.3f}")
+
+
 def format_summary(doc: dict[str, Any]) -> list[str]:
     """The verdict lines under the table: gain of the default fused model, per-skill ratios, budget."""
     sm = doc.get("summary") or {}
@@ -400,8 +406,7 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
                      f"{ci_text}; per skill {ratios}")
     ceiling = sm.get("routing_ceiling")
     if ceiling:
-        lines.append(f"each skill from the member best at it (routing ceiling): mean {ceiling['mean']:.3f}, "
-                     f"gain {ceiling['gain']:+.3f}")
+        lines.append(format_ceiling(ceiling))
     return lines
 
 
