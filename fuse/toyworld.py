@@ -150,6 +150,10 @@ YES_NO: dict[str, tuple[str, str]] = {
 
 # --- sampling and rendering ------------------------------------------------------------------------------
 
+MIN_SIZE = 40  # 36 px and less cannot hold 4 objects of radius 3 apart; 38 px only for some draws
+MAX_PLACEMENT_TRIES = 100
+
+
 def _centres(rng: random.Random, size: int, radius: int) -> tuple[tuple[int, int], ...] | None:
     lo, hi_x, hi_y = radius + 2, size // 2 - radius - 2, size - radius - 3
     gap = 2 * radius + 3  # Chebyshev distance between centres: bounding boxes never touch
@@ -170,11 +174,13 @@ def random_scene(rng: random.Random, size: int = IMAGE_SIZE) -> Scene:
     brightness = round(rng.uniform(*BRIGHTNESS), 3)
     r_lo, r_hi = (max(3, round(f * size)) for f in RADIUS_FRACTION)
     radius = rng.randint(r_lo, r_hi)
-    while True:
+    for _ in range(radius + MAX_PLACEMENT_TRIES):
         centres = _centres(rng, size, radius)
         if centres is not None:
             break
         radius = max(3, radius - 1)
+    else:  # below MIN_SIZE four objects of the smallest radius may not fit: fail instead of looping forever
+        raise DataError(f"size={size}: could not place 4 objects in the image; use at least {MIN_SIZE} px")
     return Scene(colour, shape, count, side, orientation, radius, brightness, centres, size)
 
 
@@ -340,8 +346,8 @@ def generate(out: str | os.PathLike, n_train: int = 2000, n_test: int = 300, see
     for name, n in (("n_train", n_train), ("n_test", n_test)):
         if n < 2 or n % 2:
             raise DataError(f"{name}={n}: expected a positive even number of images (images come in pairs)")
-    if size < 32:
-        raise DataError(f"size={size}: images must be at least 32 px")
+    if size < MIN_SIZE:
+        raise DataError(f"size={size}: images must be at least {MIN_SIZE} px (room for 4 objects of radius 3)")
     train = build_split("train", n_train // 2, seed, size, mc_answer)
     seen = {hashlib.sha256(b).hexdigest() for b in train.images}
     test = build_split("test", n_test // 2, seed, size, mc_answer, exclude=seen)

@@ -239,3 +239,21 @@ def test_cli_generate_and_errors(tmp_path):
     assert kept and all(c["skill"] == "colour" for c in kept)
     with pytest.raises(CheckpointError):
         generate(tmp_path / "w", n_train=2, n_test=2)
+    # 32-36 px cannot hold 4 objects: generate used to loop forever there; now a clear error, nothing written
+    r = CliRunner().invoke(main, ["toyworld", "generate", "-o", str(tmp_path / "y"), "--size", "36"])
+    assert r.exit_code == 2 and "size=36" in r.stderr and "at least 40 px" in r.stderr
+    assert not (tmp_path / "y").exists()
+
+
+def test_smallest_size_places_every_scene():
+    """At MIN_SIZE every draw fits (the guard in random_scene never fires at a size generate accepts)."""
+    import random
+
+    from fuse.toyworld import MIN_SIZE
+
+    rng = random.Random(1)
+    for _ in range(300):
+        s = random_scene(rng, MIN_SIZE)
+        assert len(s.centres) == 4 and s.radius >= 3
+    with pytest.raises(DataError, match="could not place 4 objects"):
+        random_scene(random.Random(0), 36)
