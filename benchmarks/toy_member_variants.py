@@ -52,6 +52,7 @@ class Variant:
     main: str | None = None  # a key of MAIN_ENCODERS: shared main encoder, own encoder as a second branch
     encoder_seed: int | None = None  # default: the role's index in ENCODERS (a new role: ENCODER_SEED_OF_NEW_ROLE)
     stage1_scale: float = 1.0  # stage 1 (projector only) this many times longer than the family's
+    stage2_scale: float = 1.0  # stage 2 (LLM + projector) this many times longer than the family's
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ VARIANTS: dict[str, Variant] = {
     "spatial-stage1x4": Variant("spatial", "spatial member whose stage 1 (projector only) trains 4x longer (3200 "
                                 "steps): a stronger spatial member gives fusion more to gain", replaces="spatial",
                                 stage1_scale=4.0),
+    "spatial-stage2x4": Variant("spatial", "spatial member whose stage 2 (LLM + projector) trains 4x longer (400 "
+                                "steps): its tokens carry shape and orientation (benchmarks/toy_token_probe.py), "
+                                "does its LLM learn to read them?", replaces="spatial", stage2_scale=4.0),
     "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
                                  "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
                                  encoder=_RGB56, tie_channels=False, encoder_seed=6),
@@ -147,7 +151,8 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
         sub.write_text(json.dumps(select_skills(json.loads(data.read_text()), v.skills)))
         data = sub
     final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
-                                    fusion=fusion, stage1_scale=v.stage1_scale)
+                                    fusion=fusion, stage1_scale=v.stage1_scale,
+                                    stage2_scale=v.stage2_scale)
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
