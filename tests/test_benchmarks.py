@@ -1,6 +1,7 @@
 """The benchmark scripts' registries are consistent (the scripts themselves re-train models: too slow here)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -86,3 +87,49 @@ def test_variant_fused_rows_stay_plain_concatenation(tmp_path):
     assert plain["inference"] == {**RECIPE["inference"], "answer_select": "none"}
     sel = tmv.fused_dir(members, tmp_path / "b", inference={"answer_select": "pmi:members"})
     assert json.loads((sel / "fuse_config.json").read_text())["inference"]["answer_select"] == "pmi:members"
+
+
+def test_token_probe_readers_tell_a_local_pattern_from_an_average():
+    """The token probe's claim rests on its two readers differing: the per-token reader must find an attribute
+    carried by one token anywhere in the image, which the image-mean reader (diluted over N tokens) cannot."""
+    import torch
+
+    tp = _load("toy_token_probe")
+    g = torch.Generator().manual_seed(0)
+
+    def world(n):
+        x = torch.randn(n, 25, 4, generator=g)
+        y = torch.randint(0, 2, (n,), generator=g)
+        where = torch.randint(0, 25, (n,), generator=g)
+        x[torch.arange(n), where, 0] = 6.0  # the object token, flagged
+        x[torch.arange(n), where, 1] = torch.where(y == 1, 3.0, -3.0)  # its class, in that token only
+        return x, y
+
+    (xtr, ytr), (xva, yva) = world(400), world(200)
+    masked = yva.clone()
+    masked[:100] = -1  # a skill that does not apply (orientation of a non-triangle) is left out
+    n = {"a": 2, "b": 2}
+    tokens = tp.probe("tokens", xtr, {"a": ytr, "b": ytr}, xva, {"a": yva, "b": masked}, n)
+    mean = tp.probe("mean", xtr, {"a": ytr, "b": ytr}, xva, {"a": yva, "b": masked}, n)
+    assert tokens["a"] > 0.95 and tokens["b"] > 0.95
+    assert mean["a"] < 0.85
+    # the masked accuracy is over the kept half only
+    keep = tp.probe("tokens", xtr, {"a": ytr, "b": ytr}, xva[100:], {"a": yva[100:], "b": yva[100:]}, n)
+    assert keep["b"] == pytest.approx(tokens["b"], abs=0.02)
+
+
+def test_token_probe_labels_follow_the_scenes(tmp_path):
+    """Labels are the scene attributes' indices in the world's domains; orientation only for triangles."""
+    from fuse.toyworld import DOMAINS, generate
+
+    generate(tmp_path / "w", n_train=8, n_test=2, seed=3)
+    tp = _load("toy_token_probe")
+    paths, ys = tp.labels(tmp_path / "w" / "train")
+    scenes = [json.loads(x) for x in (tmp_path / "w" / "train" / "scenes.jsonl").read_text().splitlines()]
+    assert [p.name for p in paths] == [Path(s["image"]).name for s in scenes] and all(p.is_file() for p in paths)
+    for i, s in enumerate(scenes):
+        a = s["attributes"]
+        assert ys["shape"][i] == DOMAINS["shape"].index(a["shape"])
+        assert ys["count"][i] == DOMAINS["count"].index(a["count"])
+        assert ys["orientation"][i] == (DOMAINS["orientation"].index(a["orientation"]) if a["shape"] == "triangle"
+                                        else -1)
