@@ -84,7 +84,7 @@ def labels(split: Path) -> tuple[list[Path], dict[str, torch.Tensor]]:
 def tokens_of(model: Path, paths: list[Path]) -> torch.Tensor:
     """The visual tokens ``[I, N, D_llm]`` that ``model``'s LLM reads for each image."""
     member = load_member(model)
-    idx, outs, stats = extract(paths, BranchTokens(member.vision, model.name), batch_size=64, workers=0,
+    _, outs, stats = extract(paths, BranchTokens(member.vision, model.name), batch_size=64, workers=0,
                                progress=False)
     if stats.skipped:
         raise SystemExit(f"{model}: {len(stats.skipped)} unreadable images, first {stats.skipped[0]}")
@@ -177,9 +177,19 @@ def main(argv: list[str] | None = None) -> int:
                     "encoder rebuilt at each depth (e.g. 1,2,3; 1 is the shipped one)")
     ap.add_argument("--out", type=Path, default=Path("out/token_probe"))
     args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    missing = [m for m in models if not (args.family / m / "config.json").is_file()]
+    if missing:
+        ap.error(f"--models: no model dir {args.family / missing[0]} (config.json); the family has "
+                 + ", ".join(sorted(p.name for p in args.family.iterdir() if (p / "config.json").is_file())))
+    try:
+        depths = [int(d) for d in args.raw_depths.split(",") if d.strip()]
+    except ValueError:
+        ap.error(f"--raw-depths {args.raw_depths!r}: expected a comma list of layer counts, e.g. 1,2,3")
+    if any(d < 1 for d in depths):
+        ap.error(f"--raw-depths {args.raw_depths!r}: every depth must be at least 1")
     if args.seed in (0, 101, 202):
         print(f"warning: seed {args.seed} is a test world of the README's tables", file=sys.stderr)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
     train_split, val = prepare(args.out, args.seed)
     ptr, ytr = labels(train_split)
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(world seed {args.seed}); majority class: " + ", ".join(f"{s} {v:.2f}" for s, v in chance.items()))
     header = f"{'model':<9} {'reader':<8}" + "".join(f"{s:>12}" for s in SKILLS)
     print(header)
-    for name in args.models.split(","):
+    for name in models:
         t0 = time.perf_counter()
         path = args.family / name
         xtr, xva = tokens_of(path, ptr), tokens_of(path, pva)
@@ -203,11 +213,10 @@ def main(argv: list[str] | None = None) -> int:
                                "seconds": round(time.perf_counter() - t0, 1)}
         for kind, r in rows.items():
             print(f"{name:<9} {kind:<8}" + "".join(f"{r[s]:>12.3f}" for s in SKILLS))
-    for depth in [int(d) for d in args.raw_depths.split(",") if d.strip()]:
+    for depth in depths:
         t0 = time.perf_counter()
         xtr, xva = raw_encoder_tokens(depth, [ptr, pva], args.out)
         rows = {kind: probe(kind, xtr, ytr, xva, yva, n_cls) for kind in PROBES}
-        label = f"raw spatial encoder, {depth} layer(s)"
         doc.setdefault("raw_encoders", {})[str(depth)] = {"tokens_shape": list(xtr.shape[1:]), **rows,
                                                           "seconds": round(time.perf_counter() - t0, 1)}
         for kind, r in rows.items():

@@ -133,3 +133,12 @@ def test_token_probe_labels_follow_the_scenes(tmp_path):
         assert ys["count"][i] == DOMAINS["count"].index(a["count"])
         assert ys["orientation"][i] == (DOMAINS["orientation"].index(a["orientation"]) if a["shape"] == "triangle"
                                         else -1)
+
+
+def test_token_probe_bad_arguments_exit_2_before_any_work(tmp_path):
+    tp = _load("toy_token_probe")
+    for argv in (["--models", "colour,nope"], ["--raw-depths", "a"], ["--raw-depths", "0"]):
+        with pytest.raises(SystemExit) as e:
+            tp.main([*argv, "--out", str(tmp_path / "o")])
+        assert e.value.code == 2, argv
+    assert not (tmp_path / "o").exists()

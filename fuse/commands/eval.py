@@ -99,7 +99,7 @@ def register(group: click.Group) -> None:
     @click.option("--n-train", type=int, default=2000, show_default=True, help="Training images (even: pairs).")
     @click.option("--n-test", type=int, default=300, show_default=True, help="Test images (even: pairs).")
     @click.option("--seed", type=int, default=0, show_default=True)
-    @click.option("--size", type=int, default=84, show_default=True, help="Image side in pixels.")
+    @click.option("--size", type=int, default=84, show_default=True, help="Image side in pixels (at least 40).")
     @click.option("--mc-answer", type=click.Choice(["text", "letter"]), default="text", show_default=True,
                   help="Training target of choice questions: the option's text or its letter.")
     @click.option("--force", is_flag=True, help="Replace an existing output directory.")
