@@ -53,6 +53,7 @@ class Variant:
     encoder_seed: int | None = None  # default: the role's index in ENCODERS (a new role: ENCODER_SEED_OF_NEW_ROLE)
     stage1_scale: float = 1.0  # stage 1 (projector only) this many times longer than the family's
     stage2_scale: float = 1.0  # stage 2 (LLM + projector) this many times longer than the family's
+    stage2_lr: float | None = None  # stage 2's learning rate (None: the family's)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ VARIANTS: dict[str, Variant] = {
     "spatial-stage2x4": Variant("spatial", "spatial member whose stage 2 (LLM + projector) trains 4x longer (400 "
                                 "steps): its tokens carry shape and orientation (benchmarks/toy_token_probe.py), "
                                 "does its LLM learn to read them?", replaces="spatial", stage2_scale=4.0),
+    "spatial-stage2x4-lr1e-3": Variant("spatial", "spatial-stage2x4 with stage 2 at lr 1e-3 (5x the family's): can "
+                                       "this LLM learn to read shape at all when its task vector may grow?",
+                                       replaces="spatial", stage2_scale=4.0, stage2_lr=1e-3),
     "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
                                  "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
                                  encoder=_RGB56, tie_channels=False, encoder_seed=6),
@@ -152,7 +156,7 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
         data = sub
     final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
                                     fusion=fusion, stage1_scale=v.stage1_scale,
-                                    stage2_scale=v.stage2_scale)
+                                    stage2_scale=v.stage2_scale, stage2_lr=v.stage2_lr)
     return tf._finalise_member(final, out / "members" / name, stages), stages
 
 
@@ -231,7 +235,7 @@ def main() -> None:
     from fuse.model.options import parse_answer_select
     from fuse.toyfamily import (ASSETS, MEMBERS, evaluate_model, format_ceiling, format_header, format_ratios,
                                 format_row, select_inference, summary)
-    from train.toyfamily import _run_jobs
+    from train.toyfamily import _run_jobs, relative_distance
 
     select = parse_answer_select(args.select, "--select")
 
@@ -284,7 +288,11 @@ def main() -> None:
                                                          weights, inference=select_inference(select)))
         sm = summary(rows, None, units, members=labels, fused_label=fused_label, select=select)
         ci = sm["gain_interval"]
+        # the task vector's size: what a longer or faster stage 2 costs the merge (issue 12: members must stay
+        # a small task vector from the base)
+        distance = {v: relative_distance(ASSETS / "base", trained[v]) for v in parts}
         report["variants"][name] = {"why": [VARIANTS[v].why for v in parts], "members": labels,
+                                    "relative_distance_to_base": distance,
                                     "best_member": sm["best_member"],
                                     "gain": sm["gain"], "gain_interval": [ci["low"], ci["high"]],
                                     "skill_ratio": sm["skill_ratio"],
@@ -294,6 +302,8 @@ def main() -> None:
               f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f} ({ci['low']:+.3f} .. {ci['high']:+.3f}); "
               "per skill " + format_ratios(sm["skill_ratio"]),
               flush=True)
+        print(f"  {name}: relative L2 distance of the LLM to the base: "
+              + ", ".join(f"{v} {d:.4f}" for v, d in distance.items()), flush=True)
         if sm.get("routing_ceiling"):
             print(f"  {name}: {format_ceiling(sm['routing_ceiling'])}", flush=True)
         if "select" in sm:

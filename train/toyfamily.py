@@ -235,14 +235,17 @@ def _member_data(train_json: Path, name: str, work: Path) -> Path:
 
 def train_member(name: str, base: Path, encoders: dict[str, dict], data: Path, image_root: Path, work: Path,
                  seed: int, steps_scale: float = 1.0, fusion: dict | None = None, stage1_scale: float = 1.0,
-                 stage2_scale: float = 1.0) -> tuple[Path, list[dict]]:
+                 stage2_scale: float = 1.0, stage2_lr: float | None = None) -> tuple[Path, list[dict]]:
     """Stage 1 (projector only, base frozen) then stage 2 (LLM + projector) from ``base``;
     returns (the stage-2 output dir, per-stage records). ``stage1_scale`` / ``stage2_scale`` lengthen one
-    stage only (a member variant whose projector, or whose LLM, trains longer; the family itself uses 1)."""
+    stage only (a member variant whose projector, or whose LLM, trains longer; the family itself uses 1);
+    ``stage2_lr`` replaces stage 2's learning rate (None: the family's)."""
     from train.api import train as run_train
 
     fusion = fusion or {"type": "clip"}
     s1, s2 = _scaled(STAGE1, steps_scale * stage1_scale), _scaled(STAGE2, steps_scale * stage2_scale)
+    if stage2_lr is not None:
+        s2 = {**s2, "lr": stage2_lr}
     cfg = _train_config(encoders, fusion, data, image_root, work / "runs" / f"{name}_stage1", s1, seed,
                         preset="llava", stage=1, llm=base, trainable=["fusion"], save_dtype="float32")
     r1 = run_train(cfg)
