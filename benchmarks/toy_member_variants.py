@@ -47,6 +47,7 @@ class Variant:
     why: str
     replaces: str | None = None
     skills: tuple[str, ...] | None = None
+    repeat: tuple[tuple[str, int], ...] = ()  # (skill, n): that skill's training conversations n times over
     encoder: dict[str, Any] = field(default_factory=dict)
     tie_channels: bool | None = None
     main: str | None = None  # a key of MAIN_ENCODERS: shared main encoder, own encoder as a second branch
@@ -75,6 +76,8 @@ ENCODER_SEED_OF_NEW_ROLE = 4  # train.toyfamily seeds encoders seed * 1000 + ind
 
 _THIRD = dict(hidden_size=96, intermediate_size=192, image_size=84, patch_size=12, projection_dim=96,
               num_hidden_layers=2)
+_SPATIAL = dict(hidden_size=144, intermediate_size=144, image_size=84, patch_size=12, projection_dim=144,
+                num_hidden_layers=1)  # train.toyfamily.ENCODERS["spatial"]'s overrides of the common CLIP config
 _RGB56 = dict(hidden_size=96, intermediate_size=96, image_size=56, patch_size=8, projection_dim=96,
               num_hidden_layers=1)
 VARIANTS: dict[str, Variant] = {
@@ -107,6 +110,17 @@ VARIANTS: dict[str, Variant] = {
     "spatial-stage2x4-lr1e-3": Variant("spatial", "spatial-stage2x4 with stage 2 at lr 1e-3 (5x the family's): can "
                                        "this LLM learn to read shape at all when its task vector may grow?",
                                        replaces="spatial", stage2_scale=4.0, stage2_lr=1e-3),
+    "spatial-shape-only": Variant("spatial", "spatial member trained on shape and orientation questions only, stage 2 "
+                                  "4x longer: can this LLM learn to read shape at all when nothing else is asked?",
+                                  replaces="spatial", skills=("shape", "orientation"), stage2_scale=4.0),
+    "third-shape-only": Variant("shape", "a third member: spatial-shape-only (same encoder, seed, data and schedule) "
+                                "added to both shipped members instead of replacing the spatial one",
+                                skills=("shape", "orientation"), stage2_scale=4.0, encoder=_SPATIAL, tie_channels=True,
+                                encoder_seed=1),
+    "spatial-shape-x3": Variant("spatial", "spatial member trained on every skill with shape and orientation "
+                                "questions 3 times over, stage 2 4x longer: reads shape like spatial-shape-only "
+                                "while staying unsure where it cannot see (colour)?", replaces="spatial",
+                                repeat=(("shape", 3), ("orientation", 3)), stage2_scale=4.0),
     "rgb56+colour-main": Variant("rgb56", "colour member: shared RGB 28 px main encoder + an RGB 56 px branch "
                                  "(SliME-like higher-resolution view)", replaces="colour", main="colour28",
                                  encoder=_RGB56, tie_channels=False, encoder_seed=6),
@@ -150,9 +164,14 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
                                                                                  m.tie_channels))
         encoders, fusion = {"clip": tf._enc_entry(main), "dinov2": tf._enc_entry(own)}, {"type": "channel_concat"}
     data = world / "train" / "llava.json"
-    if v.skills is not None:
+    if v.skills is not None or v.repeat:
+        records = json.loads(data.read_text())
+        if v.skills is not None:
+            records = select_skills(records, v.skills)
+        times = dict(v.repeat)
+        records = [r for r in records for _ in range(times.get(r.get("skill"), 1))]  # the loader shuffles
         sub = work / "train.json"
-        sub.write_text(json.dumps(select_skills(json.loads(data.read_text()), v.skills)))
+        sub.write_text(json.dumps(records))
         data = sub
     final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
                                     fusion=fusion, stage1_scale=v.stage1_scale,
