@@ -117,6 +117,9 @@ VARIANTS: dict[str, Variant] = {
                                 "added to both shipped members instead of replacing the spatial one",
                                 skills=("shape", "orientation"), stage2_scale=4.0, encoder=_SPATIAL, tie_channels=True,
                                 encoder_seed=1),
+    "spatial-shape-colour": Variant("spatial", "spatial-shape-only also asked the colour questions (which, colour-"
+                                    "blind, it cannot answer): does it then stay unsure about colour?",
+                                    replaces="spatial", skills=("shape", "orientation", "colour"), stage2_scale=4.0),
     "spatial-shape-x3": Variant("spatial", "spatial member trained on every skill with shape and orientation "
                                 "questions 3 times over, stage 2 4x longer: reads shape like spatial-shape-only "
                                 "while staying unsure where it cannot see (colour)?", replaces="spatial",
