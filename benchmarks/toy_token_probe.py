@@ -45,23 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.features import BranchTokens, extract  # noqa: E402
 from fuse.members import load_member  # noqa: E402
-from fuse.toyfamily import ASSETS, WORLD, write_test_split  # noqa: E402
-from fuse.toyworld import DOMAINS, SKILLS, generate  # noqa: E402
+from fuse.toyfamily import ASSETS  # noqa: E402
+from fuse.toyworld import DOMAINS, SKILLS  # noqa: E402
 
 MODELS = ("colour", "spatial", "comm")
 PROBES = ("mean", "tokens")
 STEPS, LR, HIDDEN = 400, 3e-3, 64
-
-
-def prepare(out: Path, seed: int) -> tuple[Path, Path]:
-    """The family's training split (world seed 0) and the validation world's test split, kept for re-runs."""
-    world = out / "train_world"
-    if not (world / "train" / "scenes.jsonl").is_file():
-        generate(world, seed=0, force=True, **WORLD)
-    val = out / f"val_{seed}"
-    if not (val / "scenes.jsonl").is_file():
-        write_test_split(val, seed)
-    return world / "train", val
 
 
 def labels(split: Path) -> tuple[list[Path], dict[str, torch.Tensor]]:
@@ -81,14 +70,17 @@ def labels(split: Path) -> tuple[list[Path], dict[str, torch.Tensor]]:
     return paths, out
 
 
-def tokens_of(model: Path, paths: list[Path]) -> torch.Tensor:
-    """The visual tokens ``[I, N, D_llm]`` that ``model``'s LLM reads for each image."""
-    member = load_member(model)
-    _, outs, stats = extract(paths, BranchTokens(member.vision, model.name), batch_size=64, workers=0,
-                               progress=False)
-    if stats.skipped:
-        raise SystemExit(f"{model}: {len(stats.skipped)} unreadable images, first {stats.skipped[0]}")
-    return torch.stack([o["tokens"] for o in outs])
+def tokens_of(model: Path, paths_by_split: list[list[Path]]) -> list[torch.Tensor]:
+    """The visual tokens ``[I, N, D_llm]`` that ``model``'s LLM reads for each image, per list of images
+    (the member is loaded once for all of them)."""
+    extractor = BranchTokens(load_member(model).vision, model.name)
+    out = []
+    for paths in paths_by_split:
+        _, outs, stats = extract(paths, extractor, batch_size=64, workers=0, progress=False)
+        if stats.skipped:
+            raise SystemExit(f"{model}: {len(stats.skipped)} unreadable images, first {stats.skipped[0]}")
+        out.append(torch.stack([o["tokens"] for o in outs]))
+    return out
 
 
 class TokenReader(nn.Module):
@@ -145,14 +137,12 @@ def probe(kind: str, xtr: torch.Tensor, ytr: dict[str, torch.Tensor], xva: torch
 def raw_encoder_tokens(depth: int, paths_by_split: list[list[Path]], work: Path) -> list[torch.Tensor]:
     """The spatial role's frozen encoder (``train.toyfamily.ENCODERS``, same seed as the family's) at ``depth``
     layers: its last hidden state ``[I, N, D_enc]`` for each list of images."""
-    import copy
-
     import train.toyfamily as tf
     from analysis.features import EncoderFeatures
     from fuse.encoders import build_encoder
+    from toy_member_variants import _encoder_spec
 
-    spec = copy.deepcopy(tf.ENCODERS["spatial"])
-    spec["config"]["num_hidden_layers"] = depth
+    spec = _encoder_spec("spatial", {"num_hidden_layers": depth}, None)
     d = tf.build_encoder_dir(work / f"spatial_encoder_{depth}", "spatial", list(tf.ENCODERS).index("spatial"), spec)
     ex = EncoderFeatures(build_encoder("clip", str(d)), [-1])
     return [torch.stack([o["features"][0] for o in extract(p, ex, batch_size=64, workers=0, progress=False)[1]])
@@ -191,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed in (0, 101, 202):
         print(f"warning: seed {args.seed} is a test world of the README's tables", file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    train_split, val = prepare(args.out, args.seed)
+    from toy_member_variants import prepare_worlds  # the variant benchmark's worlds: same layout, shareable
+
+    world, val = prepare_worlds(args.out, args.seed)
+    train_split = world / "train"
     ptr, ytr = labels(train_split)
     pva, yva = labels(val)
     n_cls = {s: len(DOMAINS[k.attribute]) for s, k in SKILLS.items()}
@@ -202,25 +195,22 @@ def main(argv: list[str] | None = None) -> int:
           f"(world seed {args.seed}); majority class: " + ", ".join(f"{s} {v:.2f}" for s, v in chance.items()))
     header = f"{'model':<9} {'reader':<8}" + "".join(f"{s:>12}" for s in SKILLS)
     print(header)
+    def report(label: str, xtr: torch.Tensor, xva: torch.Tensor, extra: dict[str, dict[str, float]],
+               t0: float) -> dict[str, Any]:
+        rows = {kind: probe(kind, xtr, ytr, xva, yva, n_cls) for kind in PROBES} | extra
+        for kind, r in rows.items():
+            print(f"{label:<9} {kind:<8}" + "".join(f"{r[s]:>12.3f}" for s in SKILLS))
+        return {"tokens_shape": list(xtr.shape[1:]), **rows, "seconds": round(time.perf_counter() - t0, 1)}
+
     for name in models:
         t0 = time.perf_counter()
         path = args.family / name
-        xtr, xva = tokens_of(path, ptr), tokens_of(path, pva)
-        rows = {kind: probe(kind, xtr, ytr, xva, yva, n_cls) for kind in PROBES}
-        if args.members:
-            rows["answers"] = model_answers(path, val)
-        doc["models"][name] = {"tokens_shape": list(xtr.shape[1:]), **rows,
-                               "seconds": round(time.perf_counter() - t0, 1)}
-        for kind, r in rows.items():
-            print(f"{name:<9} {kind:<8}" + "".join(f"{r[s]:>12.3f}" for s in SKILLS))
+        extra = {"answers": model_answers(path, val)} if args.members else {}
+        doc["models"][name] = report(name, *tokens_of(path, [ptr, pva]), extra, t0)
     for depth in depths:
         t0 = time.perf_counter()
         xtr, xva = raw_encoder_tokens(depth, [ptr, pva], args.out)
-        rows = {kind: probe(kind, xtr, ytr, xva, yva, n_cls) for kind in PROBES}
-        doc.setdefault("raw_encoders", {})[str(depth)] = {"tokens_shape": list(xtr.shape[1:]), **rows,
-                                                          "seconds": round(time.perf_counter() - t0, 1)}
-        for kind, r in rows.items():
-            print(f"{'enc x' + str(depth):<9} {kind:<8}" + "".join(f"{r[s]:>12.3f}" for s in SKILLS))
+        doc.setdefault("raw_encoders", {})[str(depth)] = report(f"enc x{depth}", xtr, xva, {}, t0)
     (args.out / "probe.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out / 'probe.json'}")
     return 0
