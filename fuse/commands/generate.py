@@ -8,7 +8,7 @@ import time
 import click
 
 from ..errors import FuseError
-from ..model.options import ANSWER_SELECT
+from ..model.options import ABSTAIN, ANSWER_SELECT
 
 
 def _member_specs(values: tuple[str, ...], option: str):
@@ -60,6 +60,9 @@ def register(group: click.Group) -> None:
     @click.option("--null-image", default=None, metavar="#RRGGBB",
                   help="The content-free image of the pmi modes, a flat colour (default: the model's inference "
                        "settings, else #000000).")
+    @click.option("--abstain", type=click.Choice(list(ABSTAIN)), default=None,
+                  help="unseen_words: with --answer-select, a member gives no answer to a question with a word its "
+                       "training questions never had (default: the model's inference settings).")
     @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
     @click.option("--temperature", default=1.0, show_default=True, type=float)
     @click.option("--top-p", default=1.0, show_default=True, type=float)
@@ -74,7 +77,7 @@ def register(group: click.Group) -> None:
     def generate(model: str, images: tuple[str, ...], prompts: tuple[str, ...], max_new_tokens: int,
                  token_budget: tuple[str, ...], max_visual_tokens: str | None, positions: tuple[str, ...],
                  separator: str | None, member_positions: str | None, answer_select: str | None, null_image: str | None,
-                 sample: bool,
+                 abstain: str | None, sample: bool,
                  temperature: float, top_p: float, seed: int | None, raw_prompt: bool, dtype: str | None,
                  device: str, alpha: str, as_json: bool) -> None:
         """Answer PROMPT about IMAGE with the fused model in MODEL (a `fuse merge` output directory)."""
@@ -103,7 +106,8 @@ def register(group: click.Group) -> None:
                                          "separator": _separator(separator),
                                          "max_visual_tokens": max_visual_tokens,
                                          "member_positions": member_positions,
-                                         "answer_select": answer_select, "null_image": null_image},
+                                         "answer_select": answer_select, "null_image": null_image,
+                                         "abstain": abstain},
                               return_details=True)
         for w in {str(w.message) for w in caught if issubclass(w.category, UserWarning)}:
             click.echo(f"warning: {w}", err=True)

@@ -9,7 +9,9 @@ On-disk layout of a member directory (written by :func:`save_comm_member`, read 
         encoders:      {role: {"spec": Encoder.spec(), "source": hub id / dir or null, "stored": bool}}
         text_config:   the LLM's own config (LlamaConfig dict)
         prompt_style, placeholder ("<image>"), eos_token_id (list)
-        training:      provenance (stage, steps, data, ...; informational)
+        training:      provenance (stage, steps, data, ...; informational), and optionally
+                       question_words (sorted words of every training question; read into
+                       TextSide.question_words, used by inference.abstain: unseen_words)
     model.safetensors  (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
         model.*, lm_head.*          the LLM under canonical LLaMA names
         vision.fusion.*             the fusion module (:mod:`fuse.fusions` parameter names)
@@ -145,6 +147,17 @@ class CommBranch(VisionBranch):
         return cls(encoders, fusion, spec.get("sources"))
 
 
+def question_words_of(config: dict, path: Path) -> list[str] | None:
+    """``training.question_words`` of a comm config: a sorted list of lower-case words, or None when absent."""
+    words = (config.get("training") or {}).get("question_words")
+    if words is None:
+        return None
+    if not (isinstance(words, list) and all(isinstance(w, str) for w in words)):
+        raise FormatError(f"{path / 'config.json'}: training.question_words: expected a list of words, "
+                          f"got {type(words).__name__}")
+    return sorted(words)
+
+
 def _encoder_from_entry(role: str, entry: dict, path: Path) -> Encoder:
     spec = entry.get("spec") or {}
     if entry.get("stored", True):
@@ -216,7 +229,8 @@ class CommAdapter(FormatAdapter):
         text = TextSide(tokenizer_path=tokenizer_dir(path),
                         prompt_style=options.get("prompt_style", config.get("prompt_style", "chat_template")),
                         placeholder=config.get("placeholder", "<image>"),
-                        eos_token_ids=eos_ids(path, config, text_cfg))
+                        eos_token_ids=eos_ids(path, config, text_cfg),
+                        question_words=question_words_of(config, path))
         return Member(name=path.name, format=cls.name, path=path, llm=llm, vision=branch, text=text,
                       key_usage=usage, config=config)
 

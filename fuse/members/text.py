@@ -11,10 +11,11 @@ so visual tokens can be spliced in between.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from ..errors import CheckpointError
 
@@ -81,6 +82,9 @@ class TextSide:
     placeholder: str = IMAGE_PLACEHOLDER
     eos_token_ids: list[int] = field(default_factory=list)
     separator_token_id: int | None = None  # e.g. SliME's token 11 between global and local tokens
+    # the words of every question the member was trained on (sorted; recorded by `train toy-family`), or None
+    # (unknown: the member never abstains under inference.abstain: unseen_words)
+    question_words: list[str] | None = None
     _tokenizer: object = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
@@ -125,6 +129,23 @@ class TextSide:
             ids_before = [tok.bos_token_id] + ids_before
         ids_after = tok(after, add_special_tokens=False)["input_ids"] if after else []
         return ids_before, ids_after
+
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def words_of(text: str, placeholder: str = IMAGE_PLACEHOLDER) -> set[str]:
+    """The lower-case words (runs of a-z) of a question, its image placeholder left out:
+    ``"<image>\nWhat colour are the objects?"`` -> ``{"what", "colour", "are", "the", "objects"}``."""
+    return set(_WORD.findall(text.replace(placeholder, " ").lower()))
+
+
+def question_vocabulary(questions: Iterable[str], placeholder: str = IMAGE_PLACEHOLDER) -> list[str]:
+    """Every word of ``questions`` (:func:`words_of`), sorted: a member's ``question_words``."""
+    out: set[str] = set()
+    for q in questions:
+        out |= words_of(q, placeholder)
+    return sorted(out)
 
 
 def tokenizer_vocab(path: str | Path | None) -> dict[str, int]:

@@ -66,6 +66,7 @@ def fuse_config(recipe: Recipe, base: BaseInput | None, members: Sequence[Member
             "weight": m.weight, "density": m.spec.density, "eos_token_ids": list(m.member.text.eos_token_ids),
             "vocab_rows": m.llm.vocab_rows, "prompt_style": m.member.text.prompt_style,
             "separator_token_id": m.member.text.separator_token_id,
+            "question_words": m.member.text.question_words,
         } for m in members],
         "merge": {"method": recipe.merge.method, "parameters": dict(recipe.merge.parameters),
                   "dtype": recipe.merge.dtype, "out_dtype": out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,

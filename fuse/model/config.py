@@ -22,7 +22,8 @@ CONFIG_FIELDS = ("format_version", "base_model", "members", "merge", "text", "in
 class FusedConfig(PreTrainedConfig):
     """Everything a fused model needs besides weights. Members' fields: ``name``, ``dir``
     (``members/<name>``), ``format``, ``source``, ``weight``, ``density``, ``eos_token_ids``,
-    ``vocab_rows``, ``prompt_style``, ``separator_token_id``."""
+    ``vocab_rows``, ``prompt_style``, ``separator_token_id``, ``question_words`` (None, or the sorted words
+    of the member's training questions: ``inference.abstain``)."""
 
     model_type = MODEL_TYPE
 

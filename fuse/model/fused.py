@@ -50,7 +50,7 @@ from .attention import AttentionCapture, capture, decoder_layers, last_position_
 from .budget import BudgetResult, select_total
 from .config import FusedConfig
 from .encoding import encode_images
-from .generation import (FiniteLogits, GenerationResult, answer_log_probs, check_generation,
+from .generation import (FiniteLogits, GenerationResult, answer_log_probs, check_generation, eligible_candidates,
                          continuation_log_probs, cut_at_eos, generation_config, with_stop)
 from .loading import (HUB_KWARGS, fused_text_side, load_branches, load_llm, member_dirs, read_fused_config,
                       save_fused_model)
@@ -179,7 +179,8 @@ class FusedModel(PreTrainedModel):
         eos = fused_eos_ids([m.text.eos_token_ids for m in members], idx)
         infos = [{"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path), "weight": None,
                   "density": None, "eos_token_ids": list(m.text.eos_token_ids), "vocab_rows": m.llm.vocab_rows,
-                  "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id}
+                  "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id,
+                  "question_words": m.text.question_words}
                  for n, m in zip(names, members)]
         config = FusedConfig(members=infos, text={"member": names[idx], "prompt_style": text.prompt_style,
                                                   "placeholder": text.placeholder, "eos_token_ids": eos},
@@ -421,6 +422,10 @@ class FusedModel(PreTrainedModel):
         confidence is no longer mistaken for evidence (the content-free calibration of Zhao et al. 2021,
         "Calibrate Before Use", Sec. 4, with an image as the content-free input). It costs one more forward
         pass per subset.
+
+        ``abstain: unseen_words`` (with either) leaves out, per question, every subset holding a member whose
+        recorded training questions (``question_words`` in ``fuse_config.json``) lack one of its words
+        (:func:`~fuse.model.generation.eligible_candidates`); members that record none never abstain.
         """
         refuse_inference_keywords(gen_kwargs)
         check_generation(max_new_tokens, do_sample, temperature, top_p, seed)
@@ -444,7 +449,12 @@ class FusedModel(PreTrainedModel):
         if pmi:  # one flat null image per sample, of that sample's size (branches that tile by size tile it alike)
             blank = [Image.new("RGB", im.size, opts.null_image) for im in images]
         best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer score so far
-        choice = [0] * len(best)  # per sample: the candidate that gave it (ties keep the earlier one)
+        eligible = [[True] * len(best) for _ in candidates]
+        if opts.abstain == "unseen_words" and len(candidates) > 1:
+            eligible = eligible_candidates(candidates, {m["name"]: m.get("question_words") for m in self.config.members},
+                                           _as_list(prompts), self.text.placeholder)
+        # per sample: the candidate that gave the best score (ties keep the earlier one); first eligible one to start
+        choice = [next(c for c in range(len(candidates)) if eligible[c][i]) for i in range(len(best))]
         runs: list[tuple[FusedInputs, list[list[int]]]] = []
         t_gen, timings = 0.0, {}
         for c, members in enumerate(candidates):
@@ -468,7 +478,7 @@ class FusedModel(PreTrainedModel):
                                                         [with_stop(r.tolist(), a) for r, a in zip(rows, ids)])
                     scores = [v - n for v, n in zip(scores, given_null)]
                 for i, v in enumerate(scores):
-                    if v > best[i]:
+                    if eligible[c][i] and v > best[i]:
                         best[i], choice[i] = v, c
         ids = [runs[c][1][i] for i, c in enumerate(choice)]
         texts = [self.decode(r) for r in ids]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers import LogitsProcessor
 
 from ..errors import FuseError, NumericsError
+from ..members.text import words_of
 
 
 @dataclass
@@ -127,6 +128,27 @@ def continuation_log_probs(llm: Any, inputs_embeds: torch.Tensor, attention_mask
 def with_stop(row: Sequence[int], answer: Sequence[int]) -> list[int]:
     """``answer`` (``row`` cut at its first eos) plus that eos id when generation ended on one."""
     return list(answer) + ([int(row[len(answer)])] if len(row) > len(answer) else [])
+
+
+def eligible_candidates(candidates: Sequence[Sequence[str]], question_words: Mapping[str, Sequence[str] | None],
+                        prompts: Sequence[str], placeholder: str) -> list[list[bool]]:
+    """``[C][B]``: may candidate ``c`` (a member subset) answer prompt ``b`` under ``abstain: unseen_words``?
+
+    A member abstains on a question with a word its training questions never had (``question_words``:
+    member -> its sorted training words, None when unknown, then it never abstains); a subset is eligible
+    when none of its members abstains. A prompt every candidate abstains on keeps them all, so every
+    question still gets an answer. Why: a member fine-tuned only on some kinds of question (a shape
+    specialist) still answers the others confidently, from the merged LLM's prior, and would out-score the
+    member that sees the answer (the confidence comparison assumes each candidate was trained on the task).
+    """
+    asked = [words_of(p, placeholder) for p in prompts]
+    known = {n: (set(w) if w is not None else None) for n, w in question_words.items()}
+    ok = [[all(known.get(n) is None or q <= known[n] for n in cand) for q in asked] for cand in candidates]
+    for b in range(len(asked)):
+        if not any(row[b] for row in ok):
+            for row in ok:
+                row[b] = True
+    return ok
 
 
 def cut_at_eos(ids: Sequence[int], eos: Sequence[int]) -> list[int]:

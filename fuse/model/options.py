@@ -20,6 +20,9 @@ a mapping ``member name -> spec``::
                                       # | pmi | pmi:members (the same candidates, each scored by its
                                       # log-probability minus that on a content-free image, null_image)
       null_image: "#000000"           # the content-free image of the pmi modes: a flat colour, #rrggbb
+      abstain: unseen_words           # none | unseen_words: under answer_select, a member whose training
+                                      # questions (its recorded question_words) lack a word of the question
+                                      # gives no candidate for it (members that record none never abstain)
 
 Specs are parsed here once (:func:`parse_budget`, :func:`parse_positions`) into
 small dataclasses; invalid values raise :class:`~fuse.errors.RecipeError`
@@ -74,12 +77,15 @@ class PositionSpec:
 
 
 INFERENCE_KEYS = ("token_budget", "positions", "separator", "max_visual_tokens", "member_positions", "answer_select",
-                  "null_image")
+                  "null_image", "abstain")
 MEMBER_POSITIONS = ("sequential", "parallel")  # how the members' spans are placed relative to each other
 # which token sets the merged LLM answers with before the best-scored answer is kept (generate only):
 # "<score>[:members]", score = confidence (the answer's log-probability) or pmi (minus its log-probability
 # given the same members' tokens of a content-free image, ``null_image``)
 ANSWER_SELECT = ("none", "confidence", "confidence:members", "pmi", "pmi:members")
+# when a member sits out answer_select's comparison for a question: never, or when the question has a word that
+# none of the member's training questions had (FusedModel.generate; the words come from the member's metadata)
+ABSTAIN = ("none", "unseen_words")
 NULL_IMAGE = "#000000"  # default content-free image of the pmi modes: a flat black image
 BUDGET_KINDS = ("all", "pool", "topk")
 POSITION_KINDS = ("sequential", "share", "groups", "rows")
@@ -224,6 +230,14 @@ def parse_answer_select(spec: Any, field_name: str = "inference.answer_select") 
     return value
 
 
+def parse_abstain(spec: Any, field_name: str = "inference.abstain") -> str:
+    """``None`` (none) or one of :data:`ABSTAIN`."""
+    value = "none" if spec is None else spec
+    if value not in ABSTAIN:
+        raise RecipeError(f"{field_name}: expected one of {', '.join(ABSTAIN)}, got {spec!r}")
+    return value
+
+
 def parse_null_image(spec: Any, field_name: str = "inference.null_image") -> tuple[int, int, int]:
     """``None`` (:data:`NULL_IMAGE`) or a colour ``"#rrggbb"`` -> (r, g, b)."""
     value = NULL_IMAGE if spec is None else spec
@@ -265,6 +279,7 @@ class InferenceOptions:
     member_positions: str = "sequential"  # one of MEMBER_POSITIONS (fuse.model.assembly.sample_positions)
     answer_select: str = "none"  # one of ANSWER_SELECT (FusedModel.generate)
     null_image: tuple[int, int, int] = parse_null_image(None)  # flat colour the pmi modes score against
+    abstain: str = "none"  # one of ABSTAIN (FusedModel.generate, with answer_select)
 
     @classmethod
     def parse(cls, section: Mapping[str, Any] | None, names: Sequence[str]) -> "InferenceOptions":
@@ -281,17 +296,20 @@ class InferenceOptions:
                    separator=sep, total=parse_total(section.get("max_visual_tokens")),
                    member_positions=parse_member_positions(section.get("member_positions"), sep),
                    answer_select=parse_answer_select(section.get("answer_select")),
-                   null_image=parse_null_image(section.get("null_image")))
+                   null_image=parse_null_image(section.get("null_image")),
+                   abstain=parse_abstain(section.get("abstain")))
 
     def override(self, names: Sequence[str], overrides: Mapping[str, Any] | None = None) -> "InferenceOptions":
         """A copy with what ``overrides`` gives replaced: the keys and values of an ``inference`` section
         (``token_budget``, ``positions``, ``separator``, ``max_visual_tokens``, ``member_positions``,
-        ``answer_select``, ``null_image``; a ``{member: spec}`` mapping replaces those members
+        ``answer_select``, ``null_image``, ``abstain``; a ``{member: spec}`` mapping replaces those members
         only; None keeps the current value)."""
         overrides = _known_keys(overrides)
         out = replace(self, budget=dict(self.budget), positions=dict(self.positions))
         if overrides.get("answer_select") is not None:
             out.answer_select = parse_answer_select(overrides["answer_select"], "answer_select")
+        if overrides.get("abstain") is not None:
+            out.abstain = parse_abstain(overrides["abstain"], "abstain")
         if overrides.get("null_image") is not None:
             out.null_image = parse_null_image(overrides["null_image"], "null_image")
         if overrides.get("max_visual_tokens") is not None:
@@ -312,7 +330,8 @@ class InferenceOptions:
         return {"token_budget": {n: str(s) for n, s in self.budget.items()},
                 "positions": {n: str(s) for n, s in self.positions.items()}, "separator": self.separator,
                 "max_visual_tokens": str(self.total) if self.total else None, "member_positions": self.member_positions,
-                "answer_select": self.answer_select, "null_image": colour_hex(self.null_image)}
+                "answer_select": self.answer_select, "null_image": colour_hex(self.null_image),
+                "abstain": self.abstain}
 
 
 def refuse_inference_keywords(kwargs: Mapping[str, Any]) -> None:

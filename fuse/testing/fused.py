@@ -45,7 +45,8 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
             infos.append({"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path),
                           "weight": 1.0 / len(loaded), "density": None, "eos_token_ids": list(m.text.eos_token_ids),
                           "vocab_rows": m.llm.vocab_rows, "prompt_style": m.text.prompt_style,
-                          "separator_token_id": m.text.separator_token_id})
+                          "separator_token_id": m.text.separator_token_id,
+                          "question_words": m.text.question_words})
         eos = fused_eos_ids([m.text.eos_token_ids for m in loaded], text_member)
         cfg = {"format_version": FORMAT_VERSION, "base_model": None, "members": infos,
                "merge": {"method": "copy" if isinstance(llm, int) else "external", "parameters": {},

@@ -199,6 +199,40 @@ def test_select_row_of_pmi_scores_against_the_empty_scene(tmp_path):
     assert render(random_scene(random.Random(0))).getpixel((0, 0)) == BACKGROUND  # a scene's empty corner
 
 
+def test_merge_records_question_words_and_generate_abstains(tmp_path):
+    """A member's training.question_words (written by `train toy-family`) reach fuse_config.json through
+    `fuse merge`, and with abstain: unseen_words that member gives no answer to a question with another word:
+    the colour question is answered from the colour member's tokens whatever the spatial one would say."""
+    import shutil
+
+    from fuse.merge import run_merge
+    from fuse.model.fused import FusedModel
+    from fuse.toyworld import random_scene, render
+    import random
+
+    fam = tmp_path / "fam"
+    fam.mkdir()
+    for name in ("base", "colour", "comm"):
+        (fam / name).symlink_to(ASSETS / name)
+    shutil.copytree(ASSETS / "spatial", fam / "spatial")
+    cfg = json.loads((fam / "spatial" / "config.json").read_text())
+    cfg["training"]["question_words"] = ["are", "objects", "shape", "the", "what"]
+    (fam / "spatial" / "config.json").write_text(json.dumps(cfg))
+    recipe = family_recipe(fam, out=tmp_path / "fused", inference={"answer_select": "confidence:members"})
+    run_merge(recipe, progress=False, checksums=False, align_check=False, echo=lambda *a, **k: None)
+    info = {m["name"]: m for m in json.loads((tmp_path / "fused" / "fuse_config.json").read_text())["members"]}
+    expected_colour = json.loads((ASSETS / "colour" / "config.json").read_text())["training"].get("question_words")
+    assert info["spatial"]["question_words"] == cfg["training"]["question_words"]
+    assert info["colour"]["question_words"] == expected_colour
+    fused = FusedModel.from_pretrained(tmp_path / "fused")
+    imgs = [render(random_scene(random.Random(i))) for i in range(6)]
+    qs = ["<image>\nWhat colour are the objects?"] * 3 + ["<image>\nWhat shape are the objects?"] * 3
+    on = fused.generate(imgs, qs, max_new_tokens=4, return_details=True, inference={"abstain": "unseen_words"})
+    off = fused.generate(imgs, qs, max_new_tokens=4, return_details=True, inference={"abstain": "none"})
+    assert on.selected[:3] == [["colour"]] * 3
+    assert on.selected[3:] == off.selected[3:] and on.texts[3:] == off.texts[3:]  # every word known: no change
+
+
 def test_compare_rejects_unknown_method(tmp_path):
     from click.testing import CliRunner
 

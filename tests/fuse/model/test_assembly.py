@@ -281,6 +281,59 @@ def test_answer_select_pmi_subtracts_the_null_image_score(two, select, null):
     assert max(margins) > 1e-3  # the choice was not a tie everywhere
 
 
+def test_abstain_unseen_words_leaves_out_members_not_trained_on_the_question(two):
+    """abstain: unseen_words: a member whose recorded training questions lack a word of the question gives no
+    candidate (nor does any subset holding it); the answer is then the best of the others, checked against
+    step-by-step greedy loops on prepare(members=...). Members recording no words never abstain, and a
+    question every candidate abstains on keeps them all (same answer as without abstain)."""
+    _, ma, mb, fused = two
+    imgs = [random_image(60 + i, (52, 52)) for i in range(3)]
+    kept = [dict(m) for m in fused.config.members]
+    try:  # b was trained on PROMPTS[0]'s words only; a records none
+        for m in fused.config.members:
+            m["question_words"] = ["colour", "what"] if m["name"] == mb.name else None
+        got = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True,
+                             inference={"answer_select": "confidence", "abstain": "unseen_words"})
+        plain = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True,
+                               inference={"answer_select": "confidence"})
+        assert got.token_ids[0] == plain.token_ids[0] and got.selected[0] == plain.selected[0]
+        for i in (1, 2):
+            ref = _greedy_by_hand(fused, fused.prepare([imgs[i]], [PROMPTS[i]], members=[ma.name]), 5)
+            assert got.selected[i] == [ma.name] and got.token_ids[i] == ref[0]
+        assert [s for s in plain.selected[1:]] != [[ma.name], [ma.name]]  # without abstain b (or both) won one
+        for m in fused.config.members:  # everyone abstains on PROMPTS[1:]: all candidates are kept
+            m["question_words"] = ["colour", "what"]
+        again = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True,
+                               inference={"answer_select": "confidence", "abstain": "unseen_words"})
+        assert again.token_ids == plain.token_ids and again.selected == plain.selected
+    finally:
+        fused.config.members = kept
+
+
+def test_eligible_candidates_per_question():
+    from fuse.model.generation import eligible_candidates
+
+    cands = [["a", "b"], ["a"], ["b"]]
+    words = {"a": ["how", "many", "objects"], "b": None}
+    prompts = ["<image>\nHow many objects?", "What colour? <image>", "<image>"]
+    assert eligible_candidates(cands, words, prompts, "<image>") == [[True, False, True], [True, False, True],
+                                                                     [True, True, True]]
+    words = {"a": ["what"], "b": ["what"]}
+    assert eligible_candidates(cands, words, prompts[1:2], "<image>") == [[True], [True], [True]]  # all abstain
+
+
+def test_abstain_option_is_checked_and_recorded():
+    from fuse.errors import RecipeError
+    from fuse.model.options import InferenceOptions
+
+    opts = InferenceOptions.parse({"answer_select": "confidence:members", "abstain": "unseen_words"}, ["a", "b"])
+    assert opts.abstain == "unseen_words" and InferenceOptions.parse(opts.to_dict(), ["a", "b"]) == opts
+    assert InferenceOptions.parse({}, ["a"]).abstain == "none"
+    assert opts.override(["a", "b"], {"abstain": "none"}).abstain == "none"
+    with pytest.raises(RecipeError, match="inference.abstain: expected one of none, unseen_words"):
+        InferenceOptions.parse({"abstain": "yes"}, ["a"])
+
+
 def test_continuation_log_probs_equals_teacher_forcing_by_hand(two):
     """continuation_log_probs on a left-padded batch (3 prompt lengths) with continuations of 3 lengths (one
     ending on eos, one not, one empty) equals a step-by-step teacher-forced loop on each sample alone."""
