@@ -448,17 +448,26 @@ class FusedModel(PreTrainedModel):
         pmi = opts.answer_select.partition(":")[0] == "pmi"
         if pmi:  # one flat null image per sample, of that sample's size (branches that tile by size tile it alike)
             blank = [Image.new("RGB", im.size, opts.null_image) for im in images]
-        best = [float("-inf")] * len(_as_list(prompts))  # per sample: highest answer score so far
-        eligible = [[True] * len(best) for _ in candidates]
+        plist = _as_list(prompts)
+        n = len(plist)
+        eligible = [[True] * n for _ in candidates]
         if opts.abstain == "unseen_words" and len(candidates) > 1:
             eligible = eligible_candidates(candidates, {m["name"]: m.get("question_words") for m in self.config.members},
-                                           _as_list(prompts), self.text.placeholder)
-        # per sample: the candidate that gave the best score (ties keep the earlier one); first eligible one to start
-        choice = [next(c for c in range(len(candidates)) if eligible[c][i]) for i in range(len(best))]
-        runs: list[tuple[FusedInputs, list[list[int]]]] = []
+                                           plist, self.text.placeholder)
+        best = [float("-inf")] * n  # per sample: highest answer score so far
+        # per sample: the candidate that gave it (ties keep the earlier one); the first eligible one to start
+        choice = [next(c for c in range(len(candidates)) if eligible[c][i]) for i in range(n)]
+        answers: list[dict[int, tuple[list[int], dict[str, int], int]]] = []  # per candidate: sample -> its answer
+        read = [0] * n  # per sample: visual tokens the LLM read over every pass run for it
         t_gen, timings = 0.0, {}
         for c, members in enumerate(candidates):
-            inputs = self.prepare(images, prompts, template, inference, max_new_tokens, members=members)
+            idx = [i for i in range(n) if eligible[c][i]]  # a candidate runs only on the samples it may answer
+            answers.append({})
+            if not idx:
+                continue
+            sub_images, sub_prompts = ((images, prompts) if len(idx) == n
+                                       else ([images[i] for i in idx], [plist[i] for i in idx]))
+            inputs = self.prepare(sub_images, sub_prompts, template, inference, max_new_tokens, members=members)
             t1 = time.perf_counter()
             out = self.llm.generate(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
                                     position_ids=inputs.position_ids, generation_config=config,
@@ -466,28 +475,31 @@ class FusedModel(PreTrainedModel):
             t_gen += time.perf_counter() - t1
             rows = out.sequences if len(candidates) > 1 else out
             ids = [cut_at_eos(row.tolist(), eos) for row in rows]
-            runs.append((inputs, ids))
             for k, v in inputs.timings.items():
                 timings[k] = _add_timing(timings.get(k), v)
+            scores = [0.0] * len(idx)
             if len(candidates) > 1:
                 scores = answer_log_probs(self.llm, out, ids)
                 if pmi:
-                    null = self.prepare(blank, prompts, template, inference, max_new_tokens, members=members)
+                    null = self.prepare([blank[i] for i in idx], sub_prompts, template, inference, max_new_tokens,
+                                        members=members)
                     given_null = continuation_log_probs(self.llm, null.inputs_embeds, null.attention_mask,
                                                         null.position_ids,
                                                         [with_stop(r.tolist(), a) for r, a in zip(rows, ids)])
-                    scores = [v - n for v, n in zip(scores, given_null)]
-                for i, v in enumerate(scores):
-                    if eligible[c][i] and v > best[i]:
-                        best[i], choice[i] = v, c
-        ids = [runs[c][1][i] for i, c in enumerate(choice)]
-        texts = [self.decode(r) for r in ids]
+                    scores = [v - g for v, g in zip(scores, given_null)]
+            for j, i in enumerate(idx):
+                answers[c][i] = (ids[j], inputs.tokens[j], inputs.assembled.lengths[j])
+                read[i] += sum(inputs.tokens[j].values())
+                if scores[j] > best[i]:
+                    best[i], choice[i] = scores[j], c
+        kept = [answers[c][i] for i, c in enumerate(choice)]
+        texts = [self.decode(a[0]) for a in kept]
         if not return_details:
             return texts[0] if single else texts
         timings = {**timings, "generate": t_gen, "total": time.perf_counter() - t0}
-        return GenerationResult(texts, ids, [runs[c][0].tokens[i] for i, c in enumerate(choice)],
-                                [runs[c][0].assembled.lengths[i] for i, c in enumerate(choice)], timings,
-                                selected=[list(candidates[c]) for c in choice] if len(candidates) > 1 else None)
+        return GenerationResult(texts, [a[0] for a in kept], [a[1] for a in kept], [a[2] for a in kept], timings,
+                                selected=[list(candidates[c]) for c in choice] if len(candidates) > 1 else None,
+                                visual_tokens_read=read)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Token ids -> text; ids beyond the tokenizer (extra embedding rows) are dropped."""

@@ -27,6 +27,9 @@ class GenerationResult:
     prompt_tokens: list[int]
     timings: dict[str, Any]
     selected: list[list[str]] | None = None  # answer_select: the members whose tokens gave each answer
+    # per sample: visual tokens the LLM read over every pass run for it (answer_select runs one pass per
+    # candidate it may answer with; plain generation: its one pass)
+    visual_tokens_read: list[int] | None = None
 
 
 class FiniteLogits(LogitsProcessor):

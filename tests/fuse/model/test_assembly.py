@@ -301,6 +301,8 @@ def test_abstain_unseen_words_leaves_out_members_not_trained_on_the_question(two
             ref = _greedy_by_hand(fused, fused.prepare([imgs[i]], [PROMPTS[i]], members=[ma.name]), 5)
             assert got.selected[i] == [ma.name] and got.token_ids[i] == ref[0]
         assert [s for s in plain.selected[1:]] != [[ma.name], [ma.name]]  # without abstain b (or both) won one
+        # passes run: all + a + b for the first question (16 tokens per member), a alone for the others
+        assert got.visual_tokens_read == [64, 16, 16] and plain.visual_tokens_read == [64, 64, 64]
         for m in fused.config.members:  # everyone abstains on PROMPTS[1:]: all candidates are kept
             m["question_words"] = ["colour", "what"]
         again = fused.generate(imgs, PROMPTS, max_new_tokens=5, return_details=True,
