@@ -41,7 +41,7 @@ RECIPE: dict[str, Any] = {
                 {"model": "spatial", "weight": 0.5, "name": "spatial"}],
     "merge": {"method": "task_arithmetic", "dtype": "float32"},
     "text": {"member": "colour"},
-    "inference": {"member_positions": "parallel", "answer_select": "confidence:members"},
+    "inference": {"member_positions": "parallel", "answer_select": "confidence:members", "abstain": "unseen_words"},
 }
 METHODS = ("task_arithmetic", "ties", "linear")
 TIES_DENSITY = 0.5
@@ -81,6 +81,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                           for part, key, n in CEILING_PARTS}
     row["n"] = results["n"]
     row["samples_per_s"] = results["timing"]["samples_per_s"]
+    row["visual_tokens_per_answer"] = results.get("visual_tokens_per_answer")  # fused models: over every pass
     return row
 
 
@@ -298,7 +299,8 @@ def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
         return fused[skill] / max(scores)
 
     out: dict[str, Any] = {"best_member": best, "best_member_mean": rows[best]["mean"], "fused_mean": fused["mean"],
-                           "gain": gain, "skill_ratio": {s: ratio(s) for s in SKILL_COLUMNS}}
+                           "gain": gain, "skill_ratio": {s: ratio(s) for s in SKILL_COLUMNS},
+                           "visual_tokens_per_answer": fused.get("visual_tokens_per_answer")}
     if units and fused_label in units and best in units:
         from .eval.metrics import paired_bootstrap_interval
 
@@ -309,6 +311,7 @@ def summary(rows: dict[str, dict[str, Any]], budget: str | None = BUDGET,
     if b is not None:
         out["budget_gain"] = b["mean"] - rows[best]["mean"]
         out["budget_gain_kept"] = out["budget_gain"] / gain if gain > 0 else None
+        out["budget_visual_tokens_per_answer"] = b.get("visual_tokens_per_answer")
     if select and f"{fused_label}+{select}" in rows:
         out["select"] = summary(rows, None, units, members, f"{fused_label}+{select}")
     ceiling = routing_ceiling(rows, members)
@@ -389,6 +392,10 @@ def format_summary(doc: dict[str, Any]) -> list[str]:
              f"{sm['best_member_mean']:.3f}: gain {sm['gain']:+.3f}{ci_text}"]
     ratios = format_ratios(sm["skill_ratio"])
     lines.append(f"fused / best member per skill: {ratios}")
+    if sm.get("visual_tokens_per_answer") is not None:
+        lines.append(f"visual tokens the LLM read per answer, over every pass: {sm['visual_tokens_per_answer']:.1f}"
+                     + (f" (with the budget: {sm['budget_visual_tokens_per_answer']:.1f})"
+                        if sm.get("budget_visual_tokens_per_answer") is not None else ""))
     if "budget_gain" in sm:
         kept = sm.get("budget_gain_kept")
         note = ""

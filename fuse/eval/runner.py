@@ -68,8 +68,12 @@ def batch_schedule(samples: Sequence[Sample], batch_size: int, sort_by_length: b
 
 def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 16,
                  sort_by_length: bool = True, progress: bool = True, desc: str = "eval", shard: Shard = SINGLE,
-                 **gen_kwargs: Any) -> tuple[list[str], float]:
+                 visual_tokens: dict[int, int] | None = None, **gen_kwargs: Any) -> tuple[list[str], float]:
     """Answers for every sample (in the samples' order) and the seconds spent inside ``model.generate``.
+
+    ``visual_tokens``: a dict filled with sample index -> visual tokens the model's LLM read for that answer
+    over every pass (``GenerationResult.visual_tokens_read``), for models whose ``generate`` takes
+    ``return_details`` (fused models); left empty for others.
 
     Batches follow :func:`batch_schedule`; images are decoded one batch at a time. With a ``shard`` of
     several processes, this process answers its batches of that same schedule and the
@@ -81,6 +85,8 @@ def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: 
     batches = shard.take(batch_schedule(samples, batch_size, sort_by_length))
     ph = placeholder_of(model)
     outputs: dict[int, str] = {}
+    read: dict[int, int] = {}
+    details = visual_tokens is not None and _takes_return_details(model)
     gen_s = 0.0
     with tqdm(total=sum(map(len, batches)), desc=desc, unit="sample", disable=not (progress and shard.is_main),
               leave=False) as bar:
@@ -88,8 +94,13 @@ def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: 
             images = [load_image(samples[i].image) for i in idx]
             prompts = [with_placeholder(samples[i].prompt, ph) for i in idx]
             t0 = time.perf_counter()
-            answers = model.generate(images, prompts, max_new_tokens=max_new_tokens, **gen_kwargs)
+            answers = model.generate(images, prompts, max_new_tokens=max_new_tokens,
+                                     **({"return_details": True} if details else {}), **gen_kwargs)
             gen_s += time.perf_counter() - t0
+            if details:
+                if answers.visual_tokens_read is not None:
+                    read.update(zip(idx, answers.visual_tokens_read))
+                answers = answers.texts
             if not isinstance(answers, (list, tuple)) or len(answers) != len(idx):
                 got = len(answers) if isinstance(answers, (list, tuple)) else type(answers).__name__
                 raise RuntimeError(f"model.generate returned {got} answers for a batch of {len(idx)}")
@@ -97,10 +108,22 @@ def generate_all(model: GenerativeModel, samples: Sequence[Sample], batch_size: 
                 outputs[i] = a if isinstance(a, str) else str(a)
             bar.update(len(idx))
     if shard.world > 1:
-        parts = shard.gather((outputs, gen_s))
-        outputs = {i: a for answered, _ in parts for i, a in answered.items()}
-        gen_s = sum(g for _, g in parts)
+        parts = shard.gather((outputs, gen_s, read))
+        outputs = {i: a for answered, _, _ in parts for i, a in answered.items()}
+        gen_s = sum(g for _, g, _ in parts)
+        read = {i: v for _, _, counted in parts for i, v in counted.items()}
+    if visual_tokens is not None:
+        visual_tokens.update(read)
     return [outputs.get(i) or "" for i in range(len(samples))], gen_s
+
+
+def _takes_return_details(model: Any) -> bool:
+    import inspect
+
+    try:
+        return "return_details" in inspect.signature(model.generate).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _versions() -> dict[str, str]:
@@ -131,10 +154,14 @@ def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config:
     composite = len(parts) > 1 or parts[0][0] != task
     scored: dict[str, Scored] = {}
     gen_s = 0.0
+    read: list[int] = []  # visual tokens read per answer, every part (fused models only)
     t0 = time.perf_counter()
     for (name, t, _), ss in zip(parts, samples):
+        counted: dict[int, int] = {}
         outs, g = generate_all(model, ss, cfg.batch_size, cfg.max_new_tokens, cfg.sort_by_length, progress,
-                               desc=f"{task}:{name}" if composite else task, shard=shard, **cfg.gen_kwargs)
+                               desc=f"{task}:{name}" if composite else task, shard=shard, visual_tokens=counted,
+                               **cfg.gen_kwargs)
+        read.extend(counted.values())
         gen_s += g
         scored[name] = t.score(ss, outs)
     wall = time.perf_counter() - t0
@@ -159,6 +186,8 @@ def evaluate(model: GenerativeModel, task: str, data: str | os.PathLike, config:
         "timing": {"eval_s": round(wall, 4), "generate_s": round(gen_s, 4),
                    "samples_per_s": round(n / wall, 3) if wall > 0 else None,
                    "processes": shard.world, "samples_per_process": shard.gather(mine)},
+        # mean visual tokens the LLM read per answer over all its passes (None: the model does not say)
+        "visual_tokens_per_answer": round(sum(read) / len(read), 3) if read else None,
         "versions": _versions(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

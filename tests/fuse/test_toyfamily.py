@@ -155,6 +155,11 @@ def test_compare_command_slice(tmp_path):
     assert cfg["inference"] == {**RECIPE["inference"], "answer_select": "none"}
     assert sm["select"]["gain"] == pytest.approx(doc["rows"][concat]["mean"] - doc["rows"][best]["mean"])
     assert "with answer_select none (plain concatenation)" in res.output
+    # visual tokens the LLM read per answer: concatenation reads both members' 49 in one pass; the budget
+    # row at most 24 per pass
+    assert doc["rows"][concat]["visual_tokens_per_answer"] == 98
+    assert doc["rows"][f"fused:task_arithmetic+{BUDGET}"]["visual_tokens_per_answer"] <= 2 * 24
+    assert "visual tokens the LLM read per answer" in res.output
 
 
 def test_compare_on_a_fresh_world(tmp_path):

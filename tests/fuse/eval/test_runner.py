@@ -82,6 +82,27 @@ def test_batching_keeps_order(mmvp_dir):
         generate_all(Broken(), samples, batch_size=3, progress=False)
 
 
+def test_visual_tokens_per_answer_from_models_that_report_them(mmvp_dir):
+    """A model whose generate takes return_details (a fused model) reports the visual tokens its LLM read
+    per answer; evaluate averages them over every sample, whatever the batching. Others report None."""
+    from types import SimpleNamespace
+
+    class Detailed(LookupModel):
+        def generate(self, images, prompts, max_new_tokens, return_details=False, **kw):
+            texts = super().generate(images, prompts, max_new_tokens, **kw)
+            if not return_details:
+                return texts
+            idx = [round(im.getpixel((3, 3))[0] / 30) for im in images]
+            return SimpleNamespace(texts=texts, visual_tokens_read=[10 * i for i in idx])
+
+    for bs in (1, 4):
+        res = evaluate(Detailed(REPLIES), "mmvp", mmvp_dir, EvalConfig(batch_size=bs), progress=False)
+        assert res["visual_tokens_per_answer"] == pytest.approx(10 * sum(range(1, 7)) / 6)
+        assert res["metrics"]["accuracy"] == pytest.approx(3 / 6)
+    assert evaluate(LookupModel(REPLIES), "mmvp", mmvp_dir, EvalConfig(), progress=False)[
+        "visual_tokens_per_answer"] is None
+
+
 def test_results_json_round_trip(mmvp_dir, tmp_path):
     res = evaluate(LookupModel(REPLIES), "mmvp", mmvp_dir, EvalConfig(), progress=False)
     assert "samples" not in res  # only with log_samples
