@@ -84,6 +84,10 @@ VARIANTS: dict[str, Variant] = {
     "colour-coarse-skills": Variant("colour", "colour member trained on colour + position questions only "
                                     "(what a 7x7 thumbnail can see): is its count readout the conflict?",
                                     replaces="colour", skills=("colour", "position")),
+    "colour-seen-skills": Variant("colour", "colour member trained on colour, position and count questions only "
+                                  "(not shape or orientation, which its 28 px thumbnail cannot see: 0.44-0.53 on "
+                                  "validation, the majority class): with abstain unseen_words it then gives no answer "
+                                  "there", replaces="colour", skills=("colour", "position", "count")),
     "colour-no-count": Variant("colour", "colour member trained on every skill but count",
                                replaces="colour", skills=("colour", "position", "shape", "orientation")),
     "colour-16-tokens": Variant("colour", "colour member with 4x4 patches of 7 px (16 tokens): is it dilution "
@@ -133,6 +137,7 @@ VARIANTS: dict[str, Variant] = {
 FAMILIES: dict[str, tuple[str, ...]] = {
     "shared-grey-main": ("colour+grey-main", "spatial+grey-main"),
     "shared-colour-main": ("rgb56+colour-main", "spatial+colour-main"),
+    "seen-skills": ("colour-seen-skills", "spatial-shape-only"),  # each member asked only what its encoder sees
 }
 
 
@@ -179,7 +184,7 @@ def train_variant(name: str, out: Path, world: Path) -> tuple[Path, list[dict]]:
     final, stages = tf.train_member(v.role, ASSETS / "base", encoders, data, world / "train", work, 0, 1.0,
                                     fusion=fusion, stage1_scale=v.stage1_scale,
                                     stage2_scale=v.stage2_scale, stage2_lr=v.stage2_lr)
-    return tf._finalise_member(final, out / "members" / name, stages), stages
+    return tf._finalise_member(final, out / "members" / name, stages, data), stages
 
 
 def fused_dir(members: dict[str, Path], out: Path, weights: list[float] | None = None, base: Path | None = None,
@@ -246,6 +251,9 @@ def main() -> None:
     ap.add_argument("--select", default="none",
                     help="also evaluate each fused model with this answer_select mode (as `fuse toyworld compare "
                          "--select`), e.g. confidence:members")
+    ap.add_argument("--abstain", default="none",
+                    help="with --select: inference.abstain of that row (none | unseen_words: a member gives no "
+                         "answer to a question with a word its training questions never had)")
     args = ap.parse_args()
     weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     tag = "" if weights is None else "@" + ",".join(f"{w:g}" for w in weights)  # in labels and file names
@@ -254,12 +262,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: --variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
 
-    from fuse.model.options import parse_answer_select
+    from fuse.model.options import parse_abstain, parse_answer_select
     from fuse.toyfamily import (ASSETS, MEMBERS, evaluate_model, format_ceiling, format_header, format_ratios,
                                 format_row, select_inference, summary)
     from train.toyfamily import _run_jobs, relative_distance
 
     select = parse_answer_select(args.select, "--select")
+    abstain = parse_abstain(args.abstain, "--abstain")
+    # the --select row's inference section and its label / directory suffix
+    select_inf = {**select_inference(select), **({"abstain": abstain} if abstain != "none" else {})}
+    select_tag = select + (f"+{abstain}" if abstain != "none" else "")
 
     out = args.output.resolve()
     world, test = prepare_worlds(out, args.seed)
@@ -305,10 +317,11 @@ def main() -> None:
                                         weights))
         labels = [label for label, _ in members.values()]
         if select != "none":
-            evaluate(f"{fused_label}+{select}", fused_dir({k: p for k, (_, p) in members.items()},
-                                                         out / "fused" / f"{name}{tag}+{select.replace(':', '_')}",
-                                                         weights, inference=select_inference(select)))
-        sm = summary(rows, None, units, members=labels, fused_label=fused_label, select=select)
+            evaluate(f"{fused_label}+{select_tag}",
+                     fused_dir({k: p for k, (_, p) in members.items()},
+                               out / "fused" / f"{name}{tag}+{select_tag.replace(':', '_')}", weights,
+                               inference=select_inf))
+        sm = summary(rows, None, units, members=labels, fused_label=fused_label, select=select_tag)
         ci = sm["gain_interval"]
         # the task vector's size: what a longer or faster stage 2 costs the merge (issue 12: members must stay
         # a small task vector from the base)
@@ -330,11 +343,11 @@ def main() -> None:
             print(f"  {name}: {format_ceiling(sm['routing_ceiling'])}", flush=True)
         if "select" in sm:
             sel, ci = sm["select"], sm["select"]["gain_interval"]
-            report["variants"][name]["select"] = {"mode": select, "gain": sel["gain"],
+            report["variants"][name]["select"] = {"mode": select, "abstain": abstain, "gain": sel["gain"],
                                                   "gain_interval": [ci["low"], ci["high"]],
                                                   "skill_ratio": sel["skill_ratio"],
-                                                  "row": rows[f"{fused_label}+{select}"]}
-            print(f"  {name} with answer_select {select}: fused {sel['fused_mean']:.3f}: gain {sel['gain']:+.3f} "
+                                                  "row": rows[f"{fused_label}+{select_tag}"]}
+            print(f"  {name} with answer_select {select_tag}: fused {sel['fused_mean']:.3f}: gain {sel['gain']:+.3f} "
                   f"({ci['low']:+.3f} .. {ci['high']:+.3f}); per skill "
                   + format_ratios(sel["skill_ratio"]), flush=True)
     (out / f"variants{tag}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from fuse.toyfamily import ASSETS, MEMBERS
-from train.toyfamily import (BASE_TRAIN, COMM_TRAIN, DESCRIPTION_KEEP, ENCODERS, LLM_CONFIG, STAGE1, STAGE2,
-                             base_corpus, scene_description, text_only_records, train_family, weight_digests)
+from train.toyfamily import (BASE_TRAIN, COMM_TRAIN, DESCRIPTION_KEEP, ENCODERS, LLM_CONFIG, MEMBER_SKILLS,
+                             MEMBER_STAGE2_SCALE, STAGE1, STAGE2, base_corpus, scene_description, text_only_records,
+                             train_family, training_question_words, weight_digests)
 
 SCENE = {"colour": "red", "shape": "triangle", "count": 2, "side": "left", "orientation": "up"}
 
@@ -55,6 +56,8 @@ def test_shipped_family_was_trained_with_these_settings():
     figs = json.loads((ASSETS / "figures.json").read_text())
     assert figs["schedules"] == {"base": BASE_TRAIN, "stage1": STAGE1, "stage2": STAGE2, "comm": COMM_TRAIN}
     assert figs["llm_config"] == LLM_CONFIG and figs["description_keep"] == DESCRIPTION_KEEP
+    assert figs["member_skills"] == {k: list(v) if v else v for k, v in MEMBER_SKILLS.items()}
+    assert figs["member_stage2_scale"] == MEMBER_STAGE2_SCALE
     roles = {"colour": {"clip": "colour"}, "spatial": {"clip": "spatial"},
              "comm": {"clip": "comm_clip", "dinov2": "comm_dinov2"}}
     for member, encoders in roles.items():
@@ -65,6 +68,18 @@ def test_shipped_family_was_trained_with_these_settings():
                 assert stored[field] == value, (member, key, field)
             for field, value in ENCODERS[role]["processor"].items():
                 assert cfg["encoders"][key]["spec"]["processor"][field] == value, (member, key, field)
+
+
+def test_training_question_words_are_the_human_turns_words(tmp_path):
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([
+        {"id": "1", "conversations": [{"from": "human", "value": "<image>\nWhat colour are the objects?"},
+                                      {"from": "gpt", "value": "red"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "<image>\nHow many? Answer with one WORD."},
+                                      {"from": "gpt", "value": "three"}, {"from": "human", "value": "And left?"},
+                                      {"from": "gpt", "value": "yes"}]}]))
+    assert training_question_words(data) == ["and", "answer", "are", "colour", "how", "left", "many", "objects",
+                                             "one", "the", "what", "with", "word"]  # no answers, no "image"
 
 
 def test_miniature_run_end_to_end(tmp_path):
@@ -83,6 +98,13 @@ def test_miniature_run_end_to_end(tmp_path):
         assert [(s["preset"], s["stage"], s["trainable"]) for s in stages] == [("llava", 1, ["fusion"]),
                                                                                ("llava", 2, ["fusion", "llm"])]
         assert load_member(out / name).format == "comm"
+        # what the member was asked is recorded: words of its (skill-selected) training questions, nothing else
+        words = set(cfg["training"]["question_words"])
+        asked = {"colour": {"colour"}, "position": {"left"}, "count": {"many"}, "shape": {"shape"}}
+        skills = MEMBER_SKILLS[name]
+        for skill, ws in asked.items():
+            assert (ws <= words) == (skills is None or skill in skills), (name, skill)
+        assert load_member(out / name).text.question_words == sorted(words)
     assert set(figs["premise"]["relative_l2_to_base"]) == set(MEMBERS)
     assert "aligned" in figs["premise"]["alignment"]
     assert figs["sha256"] == weight_digests(out)
