@@ -24,9 +24,14 @@ Steps, in order:
    tiny encoders (:data:`ENCODERS`):
 
    - ``colour``: CLIP at 28 px, patch 4 (7x7 grid, 49 tokens), RGB: sees hue and which half, not outlines;
+     trained on the colour, position and count questions;
    - ``spatial``: CLIP at 84 px, patch 12 (7x7 grid, 49 tokens) whose patch embedding is the same for R, G
      and B (and whose processor uses one mean/std): it sees R+G+B only, so it is colour-blind by
-     construction (every toy colour has the same channel sum) and sharp on count and position;
+     construction (every toy colour has the same channel sum) and sharp on outlines; trained on the shape
+     and orientation questions, stage 2 four times as long (:data:`MEMBER_STAGE2_SCALE`);
+
+   each member records the words of its training questions (``training.question_words``), which the
+   recipe's ``abstain: unseen_words`` reads;
 
 4. a **COMM** model (tiny CLIP + DINOv2 at 84 px, COMM fusion, LLM + fusion trained from the base):
    the trained reference of ``fuse toyworld compare``;
