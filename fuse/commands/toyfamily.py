@@ -34,7 +34,7 @@ def register(group: click.Group) -> None:
     @click.option("--budget", default=BUDGET, show_default=True,
                   help="Token budget of the extra task_arithmetic row: total:N[@layer] (the visual tokens of one "
                        "forward pass, all its members together, kept by the question's attention; the recipe "
-                       "runs one pass per member), a per-member spec (pool:2, topk:24) or 'none'.")
+                       "runs one pass per member that may answer, one per toy question), a per-member spec (pool:2, topk:24) or 'none'.")
     @click.option("--select", default="none", show_default=True,
                   help="Add a task_arithmetic row with this answer_select mode (none if it is the recipe's own, "
                        "confidence:members): none (one answer from every member's tokens: plain concatenation, the "
