@@ -46,6 +46,17 @@ def member_dir(name: str) -> str:
     return f"{MEMBERS_DIR}/{name}"
 
 
+def member_entry(name: str, member: Any, source: str | None, weight: float | None,
+                 density: float | None = None) -> dict[str, Any]:
+    """Member ``name``'s entry of ``fuse_config.json`` ``members`` from an opened member (``format``,
+    ``llm.vocab_rows`` and its text side: stop ids, prompt style, separator, training question words)."""
+    text = member.text
+    return {"name": name, "dir": member_dir(name), "format": member.format, "source": source, "weight": weight,
+            "density": density, "eos_token_ids": list(text.eos_token_ids), "vocab_rows": member.llm.vocab_rows,
+            "prompt_style": text.prompt_style, "separator_token_id": text.separator_token_id,
+            "question_words": text.question_words}
+
+
 def has_tokenizer(directory: str | os.PathLike) -> bool:
     return any((Path(directory) / f).is_file() for f in TOKENIZER_MARKERS)
 
@@ -131,4 +142,4 @@ Load with `fuse.load(DIR)` or `fuse generate DIR --image IMG --prompt TEXT`.
 
 __all__ = ["ARCHITECTURE", "CONFIG", "FORMAT_VERSION", "FUSE_CONFIG", "LLM_DIR", "MEMBERS_DIR", "MODEL_CARD",
            "MODEL_TYPE", "TOKENIZER_FILES", "TOKENIZER_MARKERS", "VISION_CONFIG", "VISION_WEIGHTS", "copy_tokenizer",
-           "fused_eos_ids", "has_tokenizer", "member_dir", "model_card", "union_eos_ids", "write_configs"]
+           "fused_eos_ids", "has_tokenizer", "member_dir", "member_entry", "model_card", "union_eos_ids", "write_configs"]

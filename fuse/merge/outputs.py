@@ -9,7 +9,7 @@ from typing import Sequence
 
 from ..dtypes import dtype_name
 from ..errors import RecipeError
-from ..fused_layout import FORMAT_VERSION, LLM_DIR, fused_eos_ids, has_tokenizer, member_dir
+from ..fused_layout import FORMAT_VERSION, LLM_DIR, fused_eos_ids, has_tokenizer, member_entry
 from ..members import resolve_path
 from ..recipe import Recipe
 from .plan import MergePlan
@@ -61,13 +61,7 @@ def fuse_config(recipe: Recipe, base: BaseInput | None, members: Sequence[Member
     return {
         "format_version": FORMAT_VERSION,
         "base_model": recipe.base_model,
-        "members": [{
-            "name": m.name, "dir": member_dir(m.name), "format": m.format, "source": m.spec.model,
-            "weight": m.weight, "density": m.spec.density, "eos_token_ids": list(m.member.text.eos_token_ids),
-            "vocab_rows": m.llm.vocab_rows, "prompt_style": m.member.text.prompt_style,
-            "separator_token_id": m.member.text.separator_token_id,
-            "question_words": m.member.text.question_words,
-        } for m in members],
+        "members": [member_entry(m.name, m.member, m.spec.model, m.weight, m.spec.density) for m in members],
         "merge": {"method": recipe.merge.method, "parameters": dict(recipe.merge.parameters),
                   "dtype": recipe.merge.dtype, "out_dtype": out_dtypes[0] if len(out_dtypes) == 1 else out_dtypes,
                   "seed": recipe.merge.seed},

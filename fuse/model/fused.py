@@ -41,7 +41,7 @@ from torch import nn
 from transformers import LogitsProcessorList, PreTrainedModel
 
 from ..errors import CheckpointError, DataError, FuseError
-from ..fused_layout import LLM_DIR, fused_eos_ids, member_dir
+from ..fused_layout import LLM_DIR, fused_eos_ids, member_entry
 from ..images import load_image
 from ..members import TextSide, VisionBranch
 from ..names import NAME_RX, unique_names
@@ -177,11 +177,7 @@ class FusedModel(PreTrainedModel):
             raise FuseError(f"text_member: {text_member!r} is not one of the members {names}")
         text = members[idx].text
         eos = fused_eos_ids([m.text.eos_token_ids for m in members], idx)
-        infos = [{"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path), "weight": None,
-                  "density": None, "eos_token_ids": list(m.text.eos_token_ids), "vocab_rows": m.llm.vocab_rows,
-                  "prompt_style": m.text.prompt_style, "separator_token_id": m.text.separator_token_id,
-                  "question_words": m.text.question_words}
-                 for n, m in zip(names, members)]
+        infos = [member_entry(n, m, str(m.path), None) for n, m in zip(names, members)]
         config = FusedConfig(members=infos, text={"member": names[idx], "prompt_style": text.prompt_style,
                                                   "placeholder": text.placeholder, "eos_token_ids": eos},
                              inference=dict(inference or {}), merge={"method": None})

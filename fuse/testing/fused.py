@@ -23,7 +23,7 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
     """
     from transformers import AutoModelForCausalLM
 
-    from ..fused_layout import (FORMAT_VERSION, LLM_DIR, MODEL_CARD, fused_eos_ids, member_dir, model_card,
+    from ..fused_layout import (FORMAT_VERSION, LLM_DIR, MODEL_CARD, fused_eos_ids, member_dir, member_entry, model_card,
                                 write_configs)
     from ..members import Member, load_member
     from ..names import unique_names
@@ -42,11 +42,7 @@ def build_fused_dir(out: str | os.PathLike, members: Sequence[Any], llm: int | s
         infos = []
         for n, m in zip(names, loaded):
             m.save_vision_branch(tmp / member_dir(n))
-            infos.append({"name": n, "dir": member_dir(n), "format": m.format, "source": str(m.path),
-                          "weight": 1.0 / len(loaded), "density": None, "eos_token_ids": list(m.text.eos_token_ids),
-                          "vocab_rows": m.llm.vocab_rows, "prompt_style": m.text.prompt_style,
-                          "separator_token_id": m.text.separator_token_id,
-                          "question_words": m.text.question_words})
+            infos.append(member_entry(n, m, str(m.path), 1.0 / len(loaded)))
         eos = fused_eos_ids([m.text.eos_token_ids for m in loaded], text_member)
         cfg = {"format_version": FORMAT_VERSION, "base_model": None, "members": infos,
                "merge": {"method": "copy" if isinstance(llm, int) else "external", "parameters": {},
